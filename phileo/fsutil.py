@@ -1,0 +1,101 @@
+"""Writing files on shared storage (Lustre, NFS) so that readers never see a partial file.
+
+Every file another process may read while we write it (manifests, chunk files, checkpoints, results) is
+written under a temporary name in the same directory and renamed into place when complete: rename is atomic
+within one directory on POSIX file systems, including Lustre.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+# Shared scratch is shared with the project group: files are group-readable, folders group-traversable.
+GROUP_READABLE_FILE = 0o640
+GROUP_READABLE_DIR = 0o750
+
+
+def make_group_readable(path: str | os.PathLike, directory: bool = False) -> None:
+    """Adds group read (and traverse, for folders) permission; never removes permissions."""
+    p = Path(path)
+    want = GROUP_READABLE_DIR if directory else GROUP_READABLE_FILE
+    with contextlib.suppress(OSError):
+        p.chmod(p.stat().st_mode | want)
+
+
+def tmp_name(path: str | os.PathLike) -> Path:
+    """A unique temporary sibling of `path` (same directory, so the final rename is atomic).
+
+    The name starts with '.' and ends with '.tmp' so readers and globbing skip it, and carries the pid and a
+    random suffix so concurrent writers (array tasks, ranks) never collide.
+    """
+    p = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+    """Yields a temporary path to write to; renames it to `path` when the block succeeds, deletes it if not.
+
+    Use for writers that want a file name (h5py, torch.save, matplotlib):
+
+        with atomic_path(out / "chunk_0001.h5") as tmp:
+            with h5py.File(tmp, "w") as f: ...
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(final)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        make_group_readable(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Writes `obj` as JSON to `path` atomically (sorted keys are not forced: order is meaningful)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):  # numpy scalars and arrays
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Reads a JSON file, with an error that names the file and the fix when it is missing or broken."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {p}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {p} is not valid JSON ({e}); it was probably written by an interrupted "
+                         f"older version: delete it and re-run the step that produces it") from None

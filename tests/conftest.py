@@ -1,0 +1,97 @@
+"""Test harness: markers, the dev SLURM cluster fixture, and shared helpers.
+
+The `slurm_cluster` fixture brings the one-machine SLURM cluster (slurm/dev-cluster/up.sh) up once per test
+session and down at the end (only if this session started it). When it cannot be started (not root, no
+apt-get, no packages), tests that need it are skipped with the reason, unless PHILEO_REQUIRE_SLURM=1 (set by
+.ci/run), where that is a failure: CI must run them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
+CLUSTER_NODES = int(os.environ.get("PHILEO_TEST_NODES", "4"))
+
+# Keep every test process to one math thread: the CI machine has two cores and tests run side by side with
+# SLURM daemons and worker processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _require_slurm() -> bool:
+    return os.environ.get("PHILEO_REQUIRE_SLURM", "") == "1"
+
+
+class DevCluster:
+    def __init__(self, conf: Path, nodes: int, started_here: bool):
+        self.conf = conf
+        self.nodes = nodes
+        self.started_here = started_here
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+
+def _cluster_unavailable_reason() -> str | None:
+    if os.name != "posix":
+        return "the dev SLURM cluster needs Linux"
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        return "the dev SLURM cluster needs root (it starts slurmd/munged and edits /etc/hosts)"
+    have_pkgs = all(
+        subprocess.run(["sh", "-c", f"command -v {c}"], capture_output=True).returncode == 0
+        for c in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not have_pkgs and subprocess.run(["sh", "-c", "command -v apt-get"], capture_output=True).returncode != 0:
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The dev SLURM cluster (PHILEO_TEST_NODES nodes, default 4), SLURM_CONF exported for the session."""
+    reason = _cluster_unavailable_reason()
+    if reason:
+        if _require_slurm():
+            pytest.fail(f"PHILEO_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster_dir = Path(os.environ.get("PHILEO_DEV_CLUSTER_DIR", "/tmp/phileo-dev-cluster"))
+    was_running = (cluster_dir / "slurm.conf").exists()
+    proc = subprocess.run([str(DEV_CLUSTER / "up.sh"), "--nodes", str(CLUSTER_NODES)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        msg = f"slurm/dev-cluster/up.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        if _require_slurm():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    conf = Path(proc.stdout.strip().splitlines()[-1].split("=", 1)[1])
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    cluster = DevCluster(conf, CLUSTER_NODES, started_here=not was_running)
+    yield cluster
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    if cluster.started_here and os.environ.get("PHILEO_KEEP_CLUSTER", "") != "1":
+        subprocess.run([str(DEV_CLUSTER / "down.sh")], capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def submitit_folder(tmp_path):
+    """A fresh submitit folder per test: job ids restart at 1 after `slurmctld -c`."""
+    d = tmp_path / "submitit"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable

@@ -16,6 +16,7 @@ from phileo.models.checkpoint import (
     LoadReport,
     guess_model_name,
     load_pretrained,
+    load_state_dict_checked,
     read_state_dict,
     save_published,
     strip_wrapper_prefixes,
@@ -39,7 +40,7 @@ PRETRAINING_OUTPUTS = ("reconstruction", "embedding", "coords", "clouds", "build
 __all__ = [
     "PRETRAINING_OUTPUTS",
     "PhilEOModel", "count_forward_flops",
-    "CheckpointMismatchError", "LoadReport", "guess_model_name", "load_pretrained", "read_state_dict",
+    "CheckpointMismatchError", "LoadReport", "guess_model_name", "load_pretrained", "load_state_dict_checked", "read_state_dict",
     "save_published", "strip_wrapper_prefixes",
     "PhilEOCNN", "PhilEOCNNConfig", "PhilEOCNNDownstream", "PhilEOViT", "PhilEOViTConfig", "PhilEOViTUPerNet",
     "UPerNetHead",

@@ -37,12 +37,12 @@ class ChwLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_contiguous():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        # Statistics in float32 even under bf16 autocast, like F.layer_norm does.
-        xf = x.float()
+        # Statistics in at least float32 (also under bf16 autocast, like F.layer_norm).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         var, mean = torch.var_mean(xf, dim=(1, 2, 3), keepdim=True, correction=0)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        y = y * self.weight.float() + self.bias.float()
-        return y.to(x.dtype) if not torch.is_autocast_enabled() else y
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
+        # Under autocast F.layer_norm returns float32; outside it, the input dtype. Do the same.
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
 class ScaleSkip2D(nn.Module):

@@ -220,8 +220,17 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     allow_pickle: permit checkpoints holding arbitrary pickled objects (only for files you trust).
     """
     state_dict, fmt, step = read_state_dict(path, allow_pickle=allow_pickle)
+    return load_state_dict_checked(model, state_dict, strict=strict, source=str(path), fmt=fmt, step=step)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                            source: str = "<state dict>", fmt: str = "bare", step: int | None = None) -> LoadReport:
+    """The matching half of load_pretrained, for a state dict already in memory (same rules, same report and
+    errors; wrapper prefixes are stripped here too). Works on meta-device models, which makes it cheap to check
+    that a checkpoint layout fits a large model."""
+    state_dict = strip_wrapper_prefixes(state_dict)
     model_sd = model.state_dict()
-    report = LoadReport(source=str(path), format=fmt, mode="full", step=step)
+    report = LoadReport(source=source, format=fmt, mode="full", step=step)
 
     rules = _transfer_rules(model)
     if rules is not None and any(k.startswith(rules[1]) for k in state_dict):
@@ -233,7 +242,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         expected = [k for k in model_sd if k.startswith(prefixes)]
         report.initialised = sorted(k for k in model_sd if not k.startswith(prefixes))
     else:
-        candidates, expected = state_dict, list(model_sd)
+        candidates, expected = dict(state_dict), list(model_sd)
 
     fitting: dict[str, torch.Tensor] = {}
     for key in expected:
@@ -248,11 +257,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 
     if (strict and not report.ok) or not fitting:
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-        raise CheckpointMismatchError(_mismatch_message(model, path, report, strict, shapes))
+        raise CheckpointMismatchError(_mismatch_message(model, source, report, strict, shapes))
     with torch.no_grad():
         result = model.load_state_dict(fitting, strict=False)
-    if result.unexpected_keys:  # cannot happen: fitting ⊆ model keys; kept as a guard against silent loss
-        raise CheckpointMismatchError(f"{path}: keys not in the model: {result.unexpected_keys[:10]}")
+    if result.unexpected_keys:  # cannot happen: fitting is a subset of the model keys; guards against silent loss
+        raise CheckpointMismatchError(f"{source}: keys not in the model: {result.unexpected_keys[:10]}")
     return report
 
 
@@ -267,7 +276,14 @@ def _mismatch_message(model: nn.Module, path, report: LoadReport, strict: bool,
         more = f" ... and {len(items) - n} more" if len(items) > n else ""
         return ", ".join(map(str, items[:n])) + more
 
-    name = getattr(model, "model_name", None) or type(model).__name__
+    name = getattr(model, "model_name", None)
+    if name is None:
+        name = type(model).__name__
+    else:
+        from phileo.models.registry import get_model_config
+
+        if getattr(model, "config", None) != get_model_config(name):
+            name += " with overrides"
     expected = len(report.loaded) + len(report.missing) + len(report.mismatched)
     lines = [f"checkpoint {path} does not fit model {name} ({report.format} checkpoint, {report.mode} load): "
              f"{len(report.loaded)} of {expected} expected tensors fit"]
@@ -318,5 +334,6 @@ def save_published(model: nn.Module, path: str | os.PathLike, **extra: Any) -> P
     return Path(path)
 
 
-__all__ = ["LoadReport", "CheckpointMismatchError", "load_pretrained", "read_state_dict", "strip_wrapper_prefixes",
+__all__ = ["LoadReport", "CheckpointMismatchError", "load_pretrained", "load_state_dict_checked", "read_state_dict",
+           "strip_wrapper_prefixes",
            "guess_model_name", "save_published"]

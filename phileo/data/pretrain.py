@@ -81,6 +81,11 @@ class PretrainDataset(_Base):
         import h5py
         import hdf5plugin  # noqa: F401  (registers the Blosc filter the chunks are compressed with)
 
+        # Per-process state first: HDF5 handles (opened lazily), h5py dataset objects, valid-offset lists.
+        self._files: OrderedDict[int, Any] = OrderedDict()
+        self._dsets: dict[int, tuple] = {}
+        self._valid_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pid = os.getpid()
         self.root = Path(root)
         self.manifest: Manifest = load_manifest(self.root)
         m = self.manifest
@@ -154,10 +159,6 @@ class PretrainDataset(_Base):
             cell, gi, gj = np.nonzero(grid_all)
             self._items = np.stack([cell, g[gi], g[gj]], axis=1).astype(np.int64) if cell.size else \
                 np.zeros((0, 3), np.int64)
-        self._files: OrderedDict[int, Any] = OrderedDict()
-        self._dsets: dict[int, tuple] = {}
-        self._valid_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._pid = os.getpid()
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:

@@ -231,7 +231,12 @@ def _read_plan(out: Path) -> Plan | None:
     if not (out / PLAN_JSON).is_file():
         return None
     doc = read_json(out / PLAN_JSON, what="conversion plan")
-    t = pq.read_table(out / PLAN_CELLS).to_pydict()
+    try:
+        t = pq.read_table(out / PLAN_CELLS).to_pydict()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out / PLAN_CELLS} does not read ({e}) although {out / PLAN_JSON} exists: delete "
+                         f"both and re-run the same command (finished chunks are kept if the plan is the "
+                         f"same)") from None
     chunks: list[list[CellRef]] = [[] for _ in range(int(doc["n_chunks"]))]
     for k, p, rg, r, gc, pid, lay, ts in zip(*(t[c] for c in _PLAN_COLUMNS)):
         chunks[k].append(CellRef(p, rg, r, gc, pid, lay, ts))
@@ -250,8 +255,9 @@ def load_or_make_plan(cfg: ConvertConfig) -> Plan:
         have = dict(existing.config)
         if want["cells_per_chunk"] is None:  # auto: whatever the plan resolved it to
             want["cells_per_chunk"] = have.get("cells_per_chunk")
-        if cfg.source is None:
+        if cfg.source is None:  # resuming from OUT alone: the plan knows the source
             want["source"] = have.get("source")
+            cfg.source = Path(have["source"]) if have.get("source") else None
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             details = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
@@ -421,7 +427,7 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
     meta: dict[str, list] = {k: [] for k in ("grid_cell", "product_id", "timestamp", "crs", "geotransform",
                                              "source", "nodata_fraction", "cloud_fraction", "n_valid_offsets",
                                              "grid_valid")}
-    source = MajorTOMSource(cfg.source, layout=cfg.layout, use_metadata=False)
+    source = MajorTOMSource(cfg.source, layout=refs[0].layout if refs else cfg.layout, use_metadata=False)
     t0 = time.time()
     with atomic_path(final) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -795,7 +801,7 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     doc = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "plan_fingerprint": plan.fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"dataset_dir": plan.dataset_dir, "layout": ordered and _layout_of(plan)},
+        "source": {"dataset_dir": plan.dataset_dir, "layout": _layout_of(plan)},
         "config": cfg,
         "bands": bands, "bands_10m": stored[10], "bands_20m": stored[20], "bands_60m": stored[60],
         "cell_size_px": {"10m": CELL_SIZE_PX[10], "20m": CELL_SIZE_PX[20], "60m": CELL_SIZE_PX[60]},
@@ -874,7 +880,9 @@ def build_parser():
     p.add_argument("--out", type=Path, required=True, help="output folder (chunks/, manifest.json)")
     p.add_argument("--nodes", type=int, default=1, help="training nodes the manifest's assignment is made for "
                    "(any other count up to the number of chunks works at training time)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (each decodes on 2 threads)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes; each decodes on one thread while it writes on another, so about "
+                        "two thirds of the cores is a good number")
     g = p.add_argument_group("input")
     g.add_argument("--layout", choices=["parquet", "tree"], default=None, help="force a layout (default: detect)")
     g.add_argument("--no-metadata", action="store_true",

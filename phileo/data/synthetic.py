@@ -99,10 +99,14 @@ def _multiscale(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k × k blocks of the last two axes (strided sums: several times faster than reshape().mean())."""
     if k == 1:
         return a
-    *lead, h, w = a.shape
-    return a.reshape(*lead, h // k, k, w // k, k).mean(axis=(-3, -1))
+    acc = np.zeros(a.shape[:-2] + (a.shape[-2] // k, a.shape[-1] // k), np.float32)
+    for di in range(k):
+        for dj in range(k):
+            acc += a[..., di::k, dj::k]
+    return acc / np.float32(k * k)
 
 
 def synthetic_cell(spec: CellSpec, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, bytes]:

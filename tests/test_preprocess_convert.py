@@ -142,6 +142,12 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_cell(tmp_path_factor
     assert set(_cells_in(tmp_path / "out")) == _good_keys()
     again = (chunks / "chunk_00000.h5").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # reused, not redone
+    # Killed between a chunk's rename and its sidecar: the sidecar is rebuilt from the chunk, not redone.
+    sidecar = json.loads((chunks / "chunk_00000.json").read_text())
+    (chunks / "chunk_00000.json").unlink()
+    convert(cfg)
+    assert json.loads((chunks / "chunk_00000.json").read_text())["checksum"] == sidecar["checksum"]
+    assert (chunks / "chunk_00000.h5").stat().st_ino == first.st_ino
 
 
 @pytest.mark.slow
@@ -160,7 +166,7 @@ def test_sigkilled_cli_run_leaves_only_complete_chunks_and_resumes(tmp_path_fact
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     for h5 in (out / "chunks").glob("chunk_*.h5"):
         with h5py.File(h5, "r") as f:  # every visible chunk is complete
-            assert "report" in f.attrs and f["cells/grid_cell"].shape[0] == f["bands_10m"].shape[0]
+            assert "report" in f and f["cells/grid_cell"].shape[0] == f["bands_10m"].shape[0]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert set(_cells_in(out)) == _good_keys()

@@ -482,12 +482,13 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
             stats.attrs["bands"] = json.dumps(read_bands)
             stats.attrs["sampling"] = (f"every {STATS_ROW_STRIDE_10M}th 10 m row, every {STATS_ROW_STRIDE_20M}th "
                                        f"20 m row, every 60 m row; value 0 (no-data) excluded")
-            report = {"rejected": rejected, "skipped": skipped}
+            # A dataset, not an attribute: a chunk full of rejected cells can outgrow the 64 KiB attribute limit.
+            f.create_dataset("report", data=json.dumps({"rejected": rejected, "skipped": skipped}), dtype=str_dt)
             f.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "chunk_index": index,
                             "plan_fingerprint": fingerprint, "bands_10m": json.dumps(stored[10]),
                             "bands_20m": json.dumps(stored[20]), "bands_60m": json.dumps(stored[60]),
                             "patch_size": p, "max_patch_nodata": cfg.max_patch_nodata,
-                            "compression": cfg.compression, "report": json.dumps(report)})
+                            "compression": cfg.compression})
         checksum = _sha256(tmp)
         size = tmp.stat().st_size
     entry = {"index": index, "path": f"chunks/{chunk_name(index)}", "n_cells": n, "planned": n_plan,
@@ -593,7 +594,7 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
         with h5py.File(h5, "r") as f:
             if f.attrs.get("plan_fingerprint") != fingerprint or int(f.attrs["chunk_index"]) != index:
                 return None
-            report = json.loads(f.attrs["report"])
+            report = json.loads(f["report"].asstr()[()])
             n = int(f["bands_10m"].shape[0])
             n_grid = int(np.count_nonzero(f["cells/grid_valid"][...]))
     except (OSError, KeyError):

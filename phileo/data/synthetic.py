@@ -370,21 +370,32 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
     """Generates `n_cells` synthetic cells (parquet layout) under `out_dir/source` and converts them into HDF5
     chunks under `out_dir/shards`; returns that folder (holding manifest.json), ready for `PretrainDataset`.
 
-    Chunks are made small (2 cells) so that `nodes` up to n_cells/2 can be served. Reuses an existing complete
-    conversion with the same arguments. Extra keyword arguments go to `convert.ConvertConfig`.
+    Chunks are small (at most 2 cells, fewer when `nodes` needs it) so that up to `nodes` (<= n_cells) nodes
+    can be served. Calling it again with the same arguments reuses the result; other arguments regenerate it.
+    Extra keyword arguments go to `convert.ConvertConfig` (e.g. max_cloud_cover).
     """
-    from phileo.data.convert import ConvertConfig, convert
+    import json
+    import shutil
 
+    from phileo.data.convert import ConvertConfig, convert
+    from phileo.fsutil import atomic_write_json
+
+    if not 1 <= nodes <= n_cells:
+        raise ValueError(f"nodes must be between 1 and n_cells={n_cells}, got {nodes}")
     out_dir = Path(out_dir)
-    shards = out_dir / "shards"
-    if (shards / "manifest.json").is_file():
+    shards, source, stamp = out_dir / "shards", out_dir / "source", out_dir / "make_pretrain_shards.json"
+    args = {"n_cells": n_cells, "nodes": nodes, "seed": seed,
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(convert_kwargs.items())}}
+    if (shards / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
         return shards
-    source = out_dir / "source"
-    if not (source / "Core-S2L2A").is_dir():
-        write_majortom_parquet(source, n_cells, seed=seed, compress="zstd")
-    cfg = ConvertConfig(source=source, out=shards, nodes=nodes, workers=workers,
-                        cells_per_chunk=convert_kwargs.pop("cells_per_chunk", 2), progress=False, **convert_kwargs)
-    convert(cfg)
+    for d in (shards, source):
+        shutil.rmtree(d, ignore_errors=True)
+    # zstd GeoTIFFs: the fastest to encode here; the converter reads any compression.
+    write_majortom_parquet(source, n_cells, seed=seed, compress="zstd")
+    cells_per_chunk = convert_kwargs.pop("cells_per_chunk", max(1, min(2, n_cells // nodes)))
+    convert(ConvertConfig(source=source, out=shards, nodes=nodes, workers=workers, cells_per_chunk=cells_per_chunk,
+                          progress=False, **convert_kwargs))
+    atomic_write_json(stamp, args)
     return shards
 
 

@@ -285,3 +285,15 @@ def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):
     r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "nothing"), "--merge"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "plan.json not found" in r.stderr
+
+
+def test_an_unreadable_shard_is_listed_in_rejected_and_the_rest_converts(tmp_path_factory, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(parquet_source(tmp_path_factory), src)
+    shard = src / "Core-S2L2A" / "images" / "part_00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    doc = convert(ConvertConfig(source=src, out=tmp_path / "out", progress=False))
+    assert doc["num_cells"] == 4  # cells 0-3, all in the first shard
+    cut = [r for r in doc["rejected"] if "does not open" in r["reason"]]
+    assert {r["grid_cell"] for r in cut} >= {cell_spec(i, SEED).grid_cell for i in range(4, N_CELLS)}
+    assert doc["counts"]["unreadable_at_listing"] == len(cut)

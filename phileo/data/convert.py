@@ -189,7 +189,8 @@ def make_plan(cfg: ConvertConfig) -> Plan:
         pick = np.sort(rng.choice(len(kept), size=cfg.sample, replace=False))
         selected = [kept[i] for i in pick]
     if not selected:
-        raise ValueError(f"no cells to convert in {src.dataset_dir} ({listed} listed): check --source, "
+        why = f"; unreadable: {src.unreadable[0]['reason']}" if src.unreadable else ""
+        raise ValueError(f"no cells to convert in {src.dataset_dir} ({listed} listed{why}): check --source, "
                          f"--layout and --limit/--sample")
     cpc = _resolve_cells_per_chunk(cfg, len(selected))
     chunks = [selected[i:i + cpc] for i in range(0, len(selected), cpc)]
@@ -199,9 +200,10 @@ def make_plan(cfg: ConvertConfig) -> Plan:
     for r in selected:
         digest.update(f"{r.path}\0{r.row_group}\0{r.row}\0{r.grid_cell}\0{r.product_id}\n".encode())
     counts = {"listed": listed, "duplicates": len(dups), "not_present_in_download": src.not_present_cells,
-              "after_dedup": len(kept), "planned": len(selected), "chunks": len(chunks)}
+              "unreadable_at_listing": len(src.unreadable), "after_dedup": len(kept), "planned": len(selected),
+              "chunks": len(chunks)}
     return Plan(digest.hexdigest()[:16], config, cpc, chunks, str(src.dataset_dir), counts, dups,
-                list(src.not_present), [])
+                list(src.not_present), list(src.unreadable))
 
 
 def _write_plan(out: Path, plan: Plan) -> None:
@@ -222,7 +224,7 @@ def _write_plan(out: Path, plan: Plan) -> None:
         "format": FORMAT + "-plan", "schema_version": SCHEMA_VERSION, "fingerprint": plan.fingerprint,
         "config": plan.config, "cells_per_chunk": plan.cells_per_chunk, "dataset_dir": plan.dataset_dir,
         "n_chunks": len(plan.chunks), "counts": plan.counts, "duplicates": plan.duplicates,
-        "not_present_shards": plan.not_present_shards})
+        "not_present_shards": plan.not_present_shards, "unreadable": plan.unreadable})
 
 
 def _read_plan(out: Path) -> Plan | None:
@@ -241,7 +243,7 @@ def _read_plan(out: Path) -> Plan | None:
     for k, p, rg, r, gc, pid, lay, ts in zip(*(t[c] for c in _PLAN_COLUMNS)):
         chunks[k].append(CellRef(p, rg, r, gc, pid, lay, ts))
     return Plan(doc["fingerprint"], doc["config"], int(doc["cells_per_chunk"]), chunks, doc["dataset_dir"],
-                doc["counts"], doc["duplicates"], doc.get("not_present_shards", []), [])
+                doc["counts"], doc["duplicates"], doc.get("not_present_shards", []), doc.get("unreadable", []))
 
 
 def load_or_make_plan(cfg: ConvertConfig) -> Plan:
@@ -709,8 +711,13 @@ def _run_pool(jobs, workers: int, bar) -> dict[int, dict[str, Any]]:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(q,)) as pool:
             futures = {pool.submit(_worker_convert, job): job[0] for job in jobs}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
+            try:
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+            except BaseException:
+                # Let the chunks in flight finish (a re-run reuses them), start no new ones, then re-raise.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         stop.set()
         pumper.join(timeout=2)
@@ -788,7 +795,7 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     for c in chunk_infos:
         with h5py.File(out / c.path, "r") as f:
             hist += f["stats/band_histogram"][...].astype(np.uint64)
-    rejected = [r for e in ordered for r in e["rejected"]]
+    rejected = list(plan.unreadable) + [r for e in ordered for r in e["rejected"]]
     skipped = [r for e in ordered for r in e["skipped"]]
     n_cells = sum(c.n_cells for c in chunk_infos)
     if not chunk_infos:

@@ -14,8 +14,6 @@ from phileo.data.majortom import BANDS_10M, BANDS_20M
 from phileo.data.pretrain import upsample2_bilinear
 from phileo.data.synthetic import cell_spec, make_pretrain_shards, reference_image
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

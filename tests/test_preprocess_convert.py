@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import h5py
-import hdf5plugin  # noqa: F401
+import hdf5plugin  # noqa: F401  (registers the Blosc filter of the chunk files)
 import numpy as np
 import pytest
 
-from _preprocess_fixtures import FAULTS, GOOD, N_CELLS, SEED, converted, parquet_source, source_cells, tree_source
+from _preprocess_fixtures import FAULTS, GOOD, N_CELLS, SEED, converted, parquet_source, source_cells
 from phileo.data import assign_chunks, load_manifest
 from phileo.data import convert as conv
 from phileo.data.convert import ConvertConfig, convert, convert_task, merge

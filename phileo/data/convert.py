@@ -22,20 +22,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_10M, BANDS_20M, BANDS_60M, CELL_SIZE_PX,
-                                  CLOUD_CLASSES, Cell, CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
+from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_60M, CELL_SIZE_PX, CLOUD_CLASSES, Cell,
+                                  CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
 from phileo.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, ChunkInfo, assign_chunks,
                                   stats_from_histogram)
 from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
@@ -123,7 +122,7 @@ class ConvertConfig:
 
     def content_fingerprint(self) -> dict[str, Any]:
         """The arguments that decide what is written (not how fast or by which task)."""
-        return {"source": str(self.source.resolve()) if self.source else None, "layout": self.layout,
+        return {"source": str(self.source.absolute()) if self.source else None, "layout": self.layout,
                 "use_metadata": self.use_metadata, "bands": list(self.bands), "patch_size": self.patch_size,
                 "max_patch_nodata": self.max_patch_nodata, "max_cell_nodata": self.max_cell_nodata,
                 "max_cloud_cover": self.max_cloud_cover, "limit": self.limit, "sample": self.sample,

@@ -232,7 +232,9 @@ class MajorTOMSource:
     def __init__(self, root: str | os.PathLike, layout: str | None = None, use_metadata: bool | None = None):
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.root = Path(root)
+        # Absolute (not resolved: symlinked scratch paths stay as the user wrote them), so a plan made in one
+        # working directory is valid for array tasks started from another.
+        self.root = Path(root).absolute()
         self.dataset_dir, self.layout = _find_dataset_dir(self.root, layout)
         self.metadata_path = self.dataset_dir / "metadata.parquet"
         if use_metadata and not self.metadata_path.is_file():

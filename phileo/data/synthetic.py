@@ -24,8 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from phileo.data import geo
-from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_10M, BANDS_20M, CELL_SIZE_PX, CLOUD_MASK,
-                                  PHILEO_BANDS)
+from phileo.data.majortom import ALL_BANDS, BAND_RESOLUTION_M, BANDS_10M, BANDS_20M, CELL_SIZE_PX, CLOUD_MASK
 
 HF_URL = "https://huggingface.co/datasets/Major-TOM/Core-S2L2A/resolve/main/images/"
 
@@ -400,4 +399,4 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
 
 
 __all__ = ["CellSpec", "Faults", "cell_spec", "synthetic_cell", "encode_geotiff", "write_majortom_parquet",
-           "write_majortom_tree", "make_pretrain_shards", "reference_image", "PHILEO_BANDS"]
+           "write_majortom_tree", "make_pretrain_shards", "reference_image"]

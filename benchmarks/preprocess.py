@@ -114,7 +114,7 @@ def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
         for i, c in enumerate(cells):
             count = conv.nodata_count_20m(b10[i], b20[i])
             conv.valid_offsets_map(count, 128, 0.1)
-            np.bincount(c.cloud_mask.ravel(), minlength=4)
+            [np.count_nonzero(c.cloud_mask == k) for k in range(4)]
             for band in b10[i]:
                 np.bincount(band[::conv.STATS_ROW_STRIDE_10M].ravel(), minlength=65536)
             for band in b20[i]:

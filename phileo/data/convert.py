@@ -511,8 +511,10 @@ def _write_cell(cell: Cell, blocks: dict[int, np.ndarray], n: int, stored: dict[
     nodata_px = int(count.sum(dtype=np.int64)) if count is not None else 0
     nodata_fraction = nodata_px / (n10 * n10)
     mask = cell.cloud_mask
-    classes = np.bincount(mask.ravel(), minlength=4)
-    cloud_fraction = classes[:4] / mask.size
+    # Class counts by comparison: bincount would first widen the 1.1 M uint8 pixels to int64.
+    classes = np.array([0] + [np.count_nonzero(mask == k) for k in (1, 2, 3)], dtype=np.int64)
+    classes[0] = np.count_nonzero(mask == 0)
+    cloud_fraction = classes / mask.size
     if nodata_fraction > cfg.max_cell_nodata:
         return f"no-data fraction {nodata_fraction:.3f} > max_cell_nodata {cfg.max_cell_nodata}"
     if cfg.max_cloud_cover < 100.0:

@@ -252,10 +252,18 @@ def test_load_manifest_errors_name_the_file_and_the_fix(tmp_path, tmp_path_facto
 def test_array_task_index_comes_from_slurm_variables():
     args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array"])
     cfg = conv.config_from_args(args, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4",
-                                       "SLURM_ARRAY_TASK_MIN": "5"})
+                                       "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "8"})
     assert (cfg.task_index, cfg.num_tasks) == (2, 4)
     with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID"):
         conv.config_from_args(args, {})
+    # A re-submitted subset (--array=17,40) is not a range: its ids are indices only with --num-tasks.
+    subset = {"SLURM_ARRAY_TASK_ID": "40", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "17",
+              "SLURM_ARRAY_TASK_MAX": "40"}
+    with pytest.raises(ValueError, match="add --num-tasks"):
+        conv.config_from_args(args, subset)
+    args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array", "--num-tasks", "64"])
+    cfg = conv.config_from_args(args, subset)
+    assert (cfg.task_index, cfg.num_tasks) == (40, 64)
 
 
 @pytest.mark.slow
@@ -271,8 +279,8 @@ def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):
     out = tmp_path / "array"
     base = [sys.executable, script, "--source", str(src), "--out", str(out), "--cells-per-chunk", "3"]
     for task in ("0", "1"):
-        r = subprocess.run(base + ["--array", "--no-progress"], capture_output=True, text=True,
-                           env={**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2"})
+        r = subprocess.run(base + ["--array", "--num-tasks", "2", "--no-progress"], capture_output=True,
+                           text=True, env={**env, "SLURM_ARRAY_TASK_ID": task})
         assert r.returncode == 0, r.stderr
         assert not (out / "manifest.json").exists()
     r = subprocess.run([sys.executable, script, "--out", str(out), "--nodes", "2", "--merge"], env=env,

@@ -779,8 +779,8 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
             hints.append(f"with --num-tasks {t}: task(s) {_ranges(todo)} (have {_ranges(sorted(have)) or 'none'})")
         raise ValueError(f"cannot merge {out}: {len(missing)} of {len(plan.chunks)} chunks are not finished "
                          f"({_ranges(missing)}). Re-run the missing array tasks ({'; '.join(hints)}), e.g. "
-                         f"sbatch --array=<those task ids> …, or re-run the same command without --array "
-                         f"to finish them locally; then --merge again")
+                         f"sbatch --array=<those task ids> … --array --num-tasks <N>, or re-run the same "
+                         f"command without --array to finish them locally; then --merge again")
     ordered = [entries[i] for i in range(len(plan.chunks))]
     for e in ordered:
         f = out / e["path"]
@@ -918,8 +918,9 @@ def build_parser():
                    help="lossless HDF5 filter (lz4/zstd: Blosc via hdf5plugin; readers need hdf5plugin)")
     g = p.add_argument_group("SLURM array / steps")
     g.add_argument("--array", action="store_true",
-                   help="be one task of a job array: --task-index/--num-tasks from SLURM_ARRAY_TASK_ID "
-                        "(minus SLURM_ARRAY_TASK_MIN) and SLURM_ARRAY_TASK_COUNT; writes a part manifest only")
+                   help="be one task of a job array, index from SLURM_ARRAY_TASK_ID; with --num-tasks N the id "
+                        "is the index (so failed ids can be re-submitted alone), without it the array must be "
+                        "one contiguous range and its size is N; writes a part manifest only")
     g.add_argument("--task-index", type=int, default=None, help="this task's index (0-based)")
     g.add_argument("--num-tasks", type=int, default=None, help="number of tasks the chunks are split among")
     g.add_argument("--merge", action="store_true", help="merge the finished tasks' parts into OUT/manifest.json")
@@ -931,20 +932,31 @@ def build_parser():
     return p
 
 
-def _array_env(environ: dict[str, str]) -> tuple[int, int]:
+def _array_env(environ: dict[str, str], num_tasks: int | None) -> tuple[int, int]:
+    """(task_index, num_tasks) of this SLURM array task.
+
+    With num_tasks given, the array task id is the task index itself, so a subset can be re-submitted
+    (sbatch --array=17,40 … --array --num-tasks 64). Without it, the array must be one contiguous range
+    (--array=0-63 or 1-64) and its size is the number of tasks.
+    """
     try:
         task_id = int(environ["SLURM_ARRAY_TASK_ID"])
-        count = int(environ["SLURM_ARRAY_TASK_COUNT"])
     except KeyError:
-        raise ValueError("--array needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it inside "
-                         "sbatch --array=0-N); outside SLURM give --task-index and --num-tasks") from None
-    first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        raise ValueError("--array needs SLURM_ARRAY_TASK_ID (run it inside sbatch --array=0-N); outside SLURM "
+                         "give --task-index and --num-tasks") from None
+    if num_tasks is not None:
+        if not 0 <= task_id < num_tasks:
+            raise ValueError(f"SLURM_ARRAY_TASK_ID={task_id} is not a task index for --num-tasks {num_tasks}: "
+                             f"submit with --array=0-{num_tasks - 1} (or a subset of those ids)")
+        return task_id, num_tasks
+    first = int(environ.get("SLURM_ARRAY_TASK_MIN", task_id))
+    last = int(environ.get("SLURM_ARRAY_TASK_MAX", task_id))
+    count = int(environ.get("SLURM_ARRAY_TASK_COUNT", last - first + 1))
     step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-    index = (task_id - first) // max(step, 1)
-    if not 0 <= index < count:
-        raise ValueError(f"SLURM_ARRAY_TASK_ID={task_id} is not one of the {count} tasks starting at {first}: "
-                         f"submit the array as --array=0-{count - 1}")
-    return index, count
+    if step != 1 or count != last - first + 1:
+        raise ValueError(f"this array (ids {first}-{last}, {count} tasks) is not one contiguous range, so its "
+                         f"size is not the number of tasks: add --num-tasks N (the total of the full array)")
+    return task_id - first, count
 
 
 def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConfig:
@@ -952,9 +964,9 @@ def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConf
     environ = dict(os.environ if environ is None else environ)
     task_index, num_tasks = args.task_index, args.num_tasks
     if args.array:
-        if task_index is not None or num_tasks is not None:
-            raise ValueError("give either --array (from SLURM) or --task-index/--num-tasks, not both")
-        task_index, num_tasks = _array_env(environ)
+        if task_index is not None:
+            raise ValueError("give either --array (index from SLURM) or --task-index, not both")
+        task_index, num_tasks = _array_env(environ, num_tasks)
     elif (task_index is None) != (num_tasks is None):
         raise ValueError("--task-index and --num-tasks go together")
     bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())

@@ -87,7 +87,7 @@ class StepContext:
 class Task:
     """What a job trains: subclass and override. The Trainer owns everything else.
 
-    Required: build_model(), train_dataset(info), compute_loss(outputs, batch).
+    Required: build_model(), train_dataset(info) (called first), compute_loss(outputs, batch).
     Optional hooks (defaults shown in the methods): forward(), evaluate(), should_stop(), images(),
     train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint), on_save().
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
@@ -99,7 +99,8 @@ class Task:
     name = "task"
 
     def build_model(self) -> nn.Module:
-        """The bare model, on CPU; called after seeding with train.seed on every rank (identical weights)."""
+        """The bare model, on CPU; called after train_dataset() and after seeding with train.seed on every rank
+        (identical weights). Parameters left with requires_grad=False are neither synchronised nor optimised."""
         raise NotImplementedError
 
     def train_dataset(self, info: dist.DistInfo) -> Dataset:
@@ -292,6 +293,9 @@ class Trainer:
         latest = dist.broadcast_object(ckpt_io.latest_checkpoint(self.run_dir) if info.is_main else None)
         start_step = ckpt_io.checkpoint_step(latest) if latest is not None else 0
 
+        # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
+        # (pretraining trains the auxiliary heads only when the shards carry their targets).
+        dataset = self.task.train_dataset(info)
         self._seed_all(cfg.train.seed)
         model = self.task.build_model()
         flops = self.task.train_flops_per_sample(model) if info.is_main else None
@@ -312,7 +316,6 @@ class Trainer:
             self._seed_all(cfg.train.seed + 7919 * info.global_rank)
         self.step = start_step
 
-        dataset = self.task.train_dataset(info)
         loader, sampler = build_loader(
             dataset, info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
             start_sample=self.samples_consumed, split=self.task.split,

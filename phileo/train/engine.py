@@ -269,12 +269,15 @@ class Trainer:
         """Trains to train.steps (resuming if the run folder has checkpoints); see the module docstring."""
         cfg = self.cfg
         done = ckpt_io.read_done(self.run_dir)
-        if done is not None and int(done.get("step", 0)) >= cfg.train.steps:
+        if done is not None and (int(done.get("step", 0)) >= cfg.train.steps or done.get("stopped_early")):
             self.step = int(done["step"])
             log.info("%s is already complete (DONE at step %d): nothing to do", self.run_dir, self.step)
             return TrainResult("completed", self.step, done.get("final_loss"), self.run_dir,
                                message="already complete")
         self._setup_run_dir()
+        if done is not None and self.info.is_main:
+            # train.steps was raised past a finished run: it is not finished any more until the new end.
+            (self.run_dir / ckpt_io.DONE).unlink(missing_ok=True)
         handlers = setup_logging(self.run_dir, self.info.global_rank)
         try:
             return self._fit(handlers)
@@ -455,7 +458,7 @@ class Trainer:
             if stop_early:
                 log.info("the task asked to stop early at step %d", step)
                 return self._finish(step, saved=True, stopped_early=True)
-            if stop_requested or launch_limit:
+            if (stop_requested and step < total) or launch_limit:
                 why = (f"stop signal {self.stop_flag.signal_name or '(on another rank)'}" if stop_requested
                        else f"train.max_steps_per_launch={cfg.train.max_steps_per_launch}")
                 log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", step, total, why)

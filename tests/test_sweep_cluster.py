@@ -85,3 +85,37 @@ def test_sweep_as_a_job_array_with_a_failed_task(tmp_path, slurm_cluster):
     assert "already finished" in (tmp_path / f"slurm-{job}_0.out").read_text()
     proc = subprocess.run(collect + ["--strict"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "8 completed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_pre_timeout_signal_checkpoints_and_requeues_the_array_task(tmp_path, slurm_cluster):
+    """USR2 (what --signal=USR2@180 sends before the time limit) reaches the training process through srun; it
+    saves a checkpoint and exits 75, the script requeues its own array task, which resumes and finishes."""
+    import time
+
+    data = tmp_path / "data"
+    make_bench_data(data, regions=("europe",), patches_per_file=6, val_patches_per_file=2, patch_size=32)
+    sweep = tmp_path / "one.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"data.root": str(data), "data.batch_size": 2, "data.num_workers": 0,
+                 "model.overrides": {"img_size": 32}, "finetune.max_epochs": 40, "finetune.patience_epochs": 40,
+                 "finetune.warmup_epochs": 1, "run.tensorboard": False, "run.log_every_steps": 1},
+        "models": ["phileo_cnn_tiny"], "tasks": ["building"], "n_shots": [4], "lrs": [1.0e-3], "seeds": [0]}))
+    out = tmp_path / "sweep"
+    env = {**slurm_cluster.env(), "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
+           "PHILEO_PYTHON": sys.executable, "PHILEO_REPO": str(REPO), "OMP_NUM_THREADS": "1"}
+    job = sbatch(SCRIPT, ["--array=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
+                          "--chdir", str(REPO)], env=env)
+    metrics = task_dir(out, 0) / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and "loss/total" in metrics.read_text()):
+        assert time.monotonic() < deadline, _logs(tmp_path)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", f"{job}_0"], check=True, env=env)
+    wait_for_job_id(job, timeout_s=240, poll_s=1)
+    log_text = (tmp_path / f"slurm-{job}_0.out").read_text()
+    assert task_finished(out, 0), _logs(tmp_path)
+    assert "requeueing" in log_text and "(restart 1)" in log_text, log_text[-3000:]
+    run_log = (task_dir(out, 0) / "log.txt").read_text()
+    assert "stop signal SIGUSR2" in run_log and "resuming from" in run_log
+    result = json.loads((task_dir(out, 0) / "result.json").read_text())
+    assert result["epochs_run"] == 40 and result["steps"] == 40 * result["steps_per_epoch"]

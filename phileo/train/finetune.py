@@ -46,7 +46,7 @@ from phileo.fsutil import atomic_write_json, make_group_readable, read_json
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
 from phileo.train.bench_metrics import RegressionMetrics, SegmentationMetrics
-from phileo.train.engine import StepContext, Task, Trainer, TrainResult
+from phileo.train.engine import Task, Trainer, TrainResult
 from phileo.train.finetune_config import FinetuneConfig
 from phileo.train.signals import StopFlag, ignore_signals
 

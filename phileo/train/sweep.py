@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import itertools
+import json
 import os
 import re
 import socket
@@ -285,7 +286,6 @@ def write_sweep_snapshot(sweep_path: str | os.PathLike, out_dir: str | os.PathLi
     specs = specs if specs is not None else expand_sweep(sweep_path)
     snap = _snapshot(sweep_path, specs)
     # Compare through JSON so tuples/lists and int/float spellings match what is on disk.
-    import json
     wanted = json.loads(json.dumps(snap["tasks"], default=str))
     existing = out / "sweep.json"
     if existing.exists():

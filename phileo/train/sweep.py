@@ -6,7 +6,7 @@ A sweep file (YAML, e.g. slurm/sweeps/phileo_bench.yaml):
     max_parallel: 32            # optional: at most this many array tasks run at once (the %K of --array)
     base:                       # FinetuneConfig overrides shared by every task (dotted keys)
       data.root: ${PHILEO_BENCH_DATA}
-      train.max_epochs: 250
+      finetune.max_epochs: 250
     models:                     # one entry per model variant: a label and its overrides (or just a preset name)
       - {label: cnn44m_scratch, model.name: phileo_cnn_44m, model.init: scratch}
       - {label: cnn44m_published, model.name: phileo_cnn_44m, model.init: ${PHILEO_WEIGHTS}/phileo_cnn_44m.pt}
@@ -381,7 +381,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
     status = result.status
     if status == "failed":
         if rank0:
-            _write_failure(run_dir, spec, RuntimeError(f"fine-tuning reported failure: {result}"))
+            _write_failure(run_dir, spec, RuntimeError(f"fine-tuning failed: {getattr(result, 'message', '')}"))
         raise RuntimeError(f"sweep task {index} ({spec.name}) failed; see {run_dir / FAILED_FILE}")
     payload = read_json(run_dir / RESULT_FILE, "task result") if status == "completed" else None
     return TaskOutcome(int(index), status, run_dir, payload)

@@ -158,7 +158,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise SweepError(f"{path}: unknown key(s) {unknown}; a sweep file has {', '.join(SWEEP_KEYS)}")
     base = doc.get("base") or {}
     if not isinstance(base, dict):
-        raise SweepError(f"{path}: 'base' must be a mapping of config keys to values (e.g. train.max_epochs: 250)")
+        raise SweepError(f"{path}: 'base' must be a mapping of config keys to values (e.g. finetune.max_epochs: 250)")
     models = [_model_entry(m, path) for m in (doc.get("models") or [])]
     if not models:
         raise SweepError(f"{path}: 'models' is missing or empty: list at least one model")

@@ -38,7 +38,9 @@ def test_gpu_request_and_task_layout_follow_the_flags():
     res = resolve_resources(site, nodes=2, gpus_per_node=2, account="p", qos="boost_qos_dbg", time="00:30:00")
     d = _directives(render_sbatch(slurm_parameters(site, res), "/x/logs"))
     assert "#SBATCH --gres=gpu:2" in d and "#SBATCH --ntasks-per-node=2" in d
-    assert "#SBATCH --cpus-per-task=16" in d and "#SBATCH --time=30" in d and "#SBATCH --qos=boost_qos_dbg" in d
+    # Two of four GPUs: their share of the node's cores and memory, so other jobs can use the rest.
+    assert "#SBATCH --cpus-per-task=8" in d and "#SBATCH --mem=247000M" in d
+    assert "#SBATCH --time=30" in d and "#SBATCH --qos=boost_qos_dbg" in d
     # A CPU-only site asks for no GPU at all (a gres request would be refused there).
     local = load_site("local")
     d = _directives(render_sbatch(slurm_parameters(local, resolve_resources(local, nodes=2)), "/x/logs"))

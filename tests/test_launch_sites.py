@@ -74,9 +74,12 @@ def test_leonardo_defaults_fill_a_16_node_request(leonardo):
     assert (res.nodes, res.tasks_per_node, res.gpus_per_node, res.cpus_per_task) == (16, 4, 4, 8)
     assert res.time_min == 24 * 60 and res.qos == "normal" and res.partition == "boost_usr_prod"
     assert res.node_hours == 16 * 24 and res.gpu_hours == 16 * 24 * 4
+    assert res.mem == "494000M"  # all four GPUs: the whole node's memory
     report = preflight(leonardo, res)
     assert report.ok, report.problems
     assert any("384 node-hours" in n and "1536 GPU-hours" in n for n in report.notes)
+    one_gpu = resolve_resources(leonardo, gpus_per_node=1, account="proj")
+    assert (one_gpu.tasks_per_node, one_gpu.cpus_per_task, one_gpu.mem) == (1, 8, "123500M")
 
 
 def test_account_comes_from_the_environment_when_not_given(leonardo, monkeypatch):

@@ -123,9 +123,19 @@ def resolve_resources(site: SiteProfile, *, nodes: Optional[int] = None, gpus_pe
     if g < 0:
         raise ConfigError(f"--gpus-per-node must be >= 0, got {g}")
     ntasks = tasks_per_node if tasks_per_node is not None else max(1, g)
+    gpu_site = site.node.gpus > 0
     if cpus_per_task is None:
-        cpus_per_task = d.cpus_per_task if d.cpus_per_task is not None else max(1, site.node.cpus // ntasks)
-    mem = d.mem if mem is None else mem
+        if d.cpus_per_task is not None:
+            cpus_per_task = d.cpus_per_task
+        elif gpu_site and g > 0:
+            # A GPU's share of the node's cores (8 of 32 per A100 on Leonardo), so 1-GPU jobs share nodes fairly.
+            cpus_per_task = max(1, (site.node.cpus * g // site.node.gpus) // ntasks)
+        else:
+            cpus_per_task = max(1, site.node.cpus // ntasks)
+    if mem is None:
+        mem = d.mem
+        if mem is None and gpu_site and g > 0 and site.node.mem_mb:
+            mem = f"{site.node.mem_mb * min(g, site.node.gpus) // site.node.gpus}M"  # the GPUs' share of memory
     if mem is not None:
         parse_mem_mb(mem)  # syntax check now, limit check in preflight
     n = d.nodes if nodes is None else nodes

@@ -89,6 +89,9 @@ def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optiona
         "wckey": None,
         "additional_parameters": {"requeue": True} if requeue else {},
     }
+    if dependency:
+        # Without it a job whose dependency failed stays pending forever ("DependencyNeverSatisfied").
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     if array_parallelism is not None:
         params["array_parallelism"] = array_parallelism
     return {k: v for k, v in params.items() if v is not None or k == "wckey"}

@@ -1,0 +1,72 @@
+#!/bin/bash
+# PhilEO Bench sweep as one SLURM job array: array task i fine-tunes the sweep's task i into its own folder.
+#
+#   sbatch -A ACCOUNT -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh        # the default sweep (360 tasks)
+#   sbatch ... --array=17 slurm/finetune_array.sh                                    # re-run one task alone
+#   sbatch ... --array=$(python -m phileo.train.sweep array SWEEP --out DIR) \
+#          --export=ALL,PHILEO_SWEEP=SWEEP,PHILEO_SWEEP_DIR=DIR slurm/finetune_array.sh   # only unfinished tasks
+#   python jobs/collect_results.py DIR                                               # table + plots
+#
+# The --array range below covers slurm/sweeps/phileo_bench.yaml exactly (tests/test_sweep.py checks it); for
+# another sweep pass --array on the command line (it overrides the line below). Site settings (account,
+# partition, QOS, GPUs) go on the sbatch command line: they differ per site and a GPU request would be refused
+# on a cluster without GPUs.
+#
+# Environment (all optional):
+#   PHILEO_SWEEP      sweep file, relative to the submit folder (default slurm/sweeps/phileo_bench.yaml)
+#   PHILEO_SWEEP_DIR  sweep folder: results of task i in $PHILEO_SWEEP_DIR/tasks/0000i
+#                     (default $SCRATCH or $CINECA_SCRATCH, else ./runs, + /sweeps/<sweep file name>)
+#   PHILEO_PYTHON     python with phileo importable (default: python on PATH)
+#   PHILEO_REPO       checkout put on PYTHONPATH (default: the submit folder)
+#   PHILEO_MAX_REQUEUES  requeues after the pre-timeout signal (default 3)
+#   PHILEO_BENCH_DATA, PHILEO_WEIGHTS  read by the sweep file's ${VAR}s
+#
+# A task that already finished exits at once, an interrupted one resumes from its newest checkpoint, so re-running
+# any index (or the whole array) is safe. Before the time limit the tasks get USR2, save a checkpoint and exit 75;
+# this script then requeues its own array task (bounded by PHILEO_MAX_REQUEUES).
+#SBATCH --job-name=phileo-bench
+#SBATCH --array=0-359%32
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=USR2@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%A_%a.out
+set -euo pipefail
+
+SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+cd "$SUBMIT_DIR"
+SWEEP=${PHILEO_SWEEP:-slurm/sweeps/phileo_bench.yaml}
+SWEEP_NAME=$(basename "$SWEEP" .yaml)
+SCRATCH_ROOT=${SCRATCH:-${CINECA_SCRATCH:-$SUBMIT_DIR/runs}}
+SWEEP_DIR=${PHILEO_SWEEP_DIR:-$SCRATCH_ROOT/sweeps/$SWEEP_NAME}
+PYTHON=${PHILEO_PYTHON:-python}
+MAX_REQUEUES=${PHILEO_MAX_REQUEUES:-3}
+export PYTHONPATH=${PHILEO_REPO:-$SUBMIT_DIR}${PYTHONPATH:+:$PYTHONPATH}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Without it srun gives each task one CPU and the DataLoader workers share it.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export HF_HUB_OFFLINE=1
+
+if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  echo "finetune_array.sh: not inside a job array (submit it with sbatch; --array picks the tasks)" >&2
+  exit 2
+fi
+echo "[$(date -Is)] array task $SLURM_ARRAY_TASK_ID of ${SLURM_ARRAY_JOB_ID:-?} on ${SLURMD_NODENAME:-$(hostname)}:" \
+     "sweep $SWEEP -> $SWEEP_DIR (restart ${SLURM_RESTART_COUNT:-0})"
+
+status=0
+srun --kill-on-bad-exit=1 "$PYTHON" -m phileo.train.sweep run "$SWEEP" \
+  --index "$SLURM_ARRAY_TASK_ID" --out "$SWEEP_DIR" || status=$?
+
+if [ "$status" -eq 75 ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
+    echo "[$(date -Is)] checkpoint saved before the time limit: requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    exit 0
+  fi
+  echo "[$(date -Is)] preempted after $MAX_REQUEUES requeues: giving up (re-submit --array=$SLURM_ARRAY_TASK_ID to go on)" >&2
+fi
+exit "$status"

@@ -1,0 +1,225 @@
+"""The pretraining job config: one typed dataclass per concern, one `PretrainConfig` to hold them.
+
+Every key can be set from the command line as `section.key=value` (phileo.config.apply_overrides); the launcher
+maps its flags onto the same keys (`--model` → model.name, `--data` → data.root, `--batch-size` → data.batch_size,
+`--steps` → train.steps, `--strategy` → train.strategy, `--seed` → train.seed, `--run-dir` → run.dir).
+
+The sections `train`, `optim`, `checkpoint` and `run` are what the generic `phileo.train.engine.Trainer` reads, so
+other jobs (fine-tuning) reuse them unchanged and add their own model/data sections. The Trainer also reads
+`data.batch_size`, `data.num_workers`, `data.pin_memory` and `data.prefetch_factor` from whatever `data` section
+the job has (`LoaderConfig` below has exactly those).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from phileo.config import ConfigError
+
+Strategy = Literal["ddp", "zero1", "zero2", "zero3"]
+Precision = Literal["fp32", "bf16", "auto"]
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to pretrain (phileo.models.create_model(name, **overrides))."""
+
+    name: str = "phileo_cnn_44m"
+    # Config fields of the preset to change, by their published names (e.g. {img_size: 64}).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Activation checkpointing of the repeated blocks: ~30 % more compute for much less activation memory.
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LoaderConfig:
+    """The DataLoader settings the Trainer reads from any job's `data` section."""
+
+    batch_size: int = 4  # per process (per GPU); the global batch is batch_size × grad_accum_steps × world size
+    num_workers: int = 4  # DataLoader worker processes per rank (HDF5 reads need processes, not threads)
+    pin_memory: bool = True  # only used on GPU
+    prefetch_factor: int = 2  # batches each worker keeps ready
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1 (per process), got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+
+@dataclass
+class DataConfig(LoaderConfig):
+    """The pretraining shards (the folder holding manifest.json, written by preprocess/majortom_to_h5.py)."""
+
+    root: str = ""
+    patch_size: int = 128
+    # Crops are a pure function of (data.seed, epoch, item): keep it fixed for a run to resume exactly.
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.patch_size < 8 or self.patch_size % 2:
+            raise ConfigError(f"data.patch_size must be an even number >= 8, got {self.patch_size}")
+
+
+@dataclass
+class LossConfig:
+    """The foundation loss: term weights and how the two corrupted views are made (see phileo.train.loss)."""
+
+    reconstruction: float = 1.0
+    coords: float = 1.0
+    clouds: float = 100.0
+    buildings: float = 100.0
+    landcover: float = 1.0
+    embedding_positive: float = 1.5
+    embedding_negative: float = 0.5
+    embedding_distance: float = 1.0
+    # Random erasing: a rectangle covering this fraction range of each view is replaced by random values.
+    erase_fraction: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    flips: bool = True
+
+    def validate(self) -> None:
+        lo_hi = self.erase_fraction
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] < 1.0:
+            raise ConfigError(f"loss.erase_fraction must be [min, max] with 0 <= min <= max < 1, got {lo_hi}")
+        for name in ("reconstruction", "coords", "clouds", "buildings", "landcover", "embedding_positive",
+                     "embedding_negative", "embedding_distance"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} is a weight and must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, by optimizer step."""
+
+    lr: float = 1e-4  # peak LR before world-size scaling (reference: 1e-4 CNN, 3e-5 ViT)
+    # Scale the peak LR with the number of processes: "sqrt" is what the reference did (lr · √world_size),
+    # "linear" is the usual rule for large batches, "none" keeps `lr` as given.
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    weight_decay: float = 0.01
+    # The reference decayed every parameter; exempting biases and norm gains is the common modern choice.
+    decay_norm_and_bias: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0  # the cosine ends at lr · min_lr_ratio
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, parallel strategy, precision, accumulation, clipping, stopping."""
+
+    steps: int = 1000  # optimizer steps in the whole run (across requeues)
+    strategy: Strategy = "ddp"
+    # DeepSpeed ZeRO CPU offload: "optimizer" (zero1-3) or "optimizer_and_params" (zero3 only).
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    seed: int = 0
+    # "auto": bf16 on GPUs that support it, fp32 otherwise (CPU defaults to fp32; bf16 can be asked for).
+    precision: Precision = "auto"
+    grad_accum_steps: int = 1
+    grad_clip_norm: float = 1.0  # 0 turns clipping off (the norm is still logged)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # End this launch with a checkpoint after this many steps (status "preempted"); the next launch goes on.
+    # For chaining short jobs and for tests; 0 = no limit.
+    max_steps_per_launch: int = 0
+    # Process-group timeout: a rank that hangs in a collective fails after this long instead of forever.
+    dist_timeout_s: int = 1800
+    # Signals that ask for a checkpoint and a clean stop at the next step boundary (SLURM sends USR2 before the
+    # time limit when asked with --signal, and TERM at the limit or on scancel/preemption).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])
+    eval_every_steps: int = 0  # how often the task's evaluate() hook runs (0 = never); fine-tuning uses it
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (optimizer steps), got {self.steps}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.grad_clip_norm < 0:
+            raise ConfigError(f"train.grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+        if self.offload != "none" and self.strategy == "ddp":
+            raise ConfigError(f"train.offload={self.offload} needs a ZeRO strategy (train.strategy=zero1|zero2|"
+                              f"zero3); DDP keeps everything on the GPU")
+        if self.offload == "optimizer_and_params" and self.strategy != "zero3":
+            raise ConfigError("train.offload=optimizer_and_params needs train.strategy=zero3 (only ZeRO-3 "
+                              "partitions the parameters); use train.offload=optimizer with zero1/zero2")
+        if self.max_steps_per_launch < 0:
+            raise ConfigError(f"train.max_steps_per_launch must be >= 0 (0 = no limit), "
+                              f"got {self.max_steps_per_launch}")
+        if self.dist_timeout_s < 10:
+            raise ConfigError(f"train.dist_timeout_s must be >= 10 seconds, got {self.dist_timeout_s}")
+        if self.eval_every_steps < 0:
+            raise ConfigError(f"train.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        import signal
+        for name in self.stop_signals:
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ConfigError(f"train.stop_signals: {name!r} is not a signal name (e.g. SIGUSR2, SIGTERM)")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints under run.dir/checkpoints/ and how many to keep."""
+
+    every_steps: int = 1000  # also written on a stop signal and at the last step
+    keep_last: int = 3
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1 (the newest is needed to resume), "
+                              f"got {self.keep_last}")
+
+
+@dataclass
+class RunConfig:
+    """The run folder (on shared scratch) and what is logged into it."""
+
+    dir: str = "runs/pretrain"
+    log_every_steps: int = 10  # scalars to TensorBoard, log.txt and metrics.jsonl
+    image_every_steps: int = 500  # input / corrupted view / reconstruction grids (0 = never)
+    tensorboard: bool = True
+    # Peak dense TFLOP/s of one device in the training precision, for the MFU estimate. Unset: taken from a
+    # table of known GPUs (A100, H100, H200) for bf16; MFU is not reported on CPU or unknown devices.
+    peak_tflops_per_device: Optional[float] = None
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ConfigError("run.dir must be set (the run folder, on shared scratch for multi-node jobs)")
+        if self.log_every_steps < 1:
+            raise ConfigError(f"run.log_every_steps must be >= 1, got {self.log_every_steps}")
+        if self.image_every_steps < 0:
+            raise ConfigError(f"run.image_every_steps must be >= 0 (0 = never), got {self.image_every_steps}")
+        if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
+            raise ConfigError(f"run.peak_tflops_per_device must be > 0 or unset, got {self.peak_tflops_per_device}")
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining job; saved as run.dir/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+__all__ = ["ModelConfig", "LoaderConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
+           "CheckpointConfig", "RunConfig", "PretrainConfig", "Strategy", "Precision"]

@@ -1,0 +1,169 @@
+"""Pretraining a PhilEO model with the foundation loss: the task, `run_pretraining`, and the command line.
+
+    python -m phileo.train.pretrain --config pretrain.yaml [key=value ...]
+    python -m phileo.train.pretrain --resume RUN_DIR [key=value ...]
+    torchrun --nproc-per-node 4 -m phileo.train.pretrain --config pretrain.yaml data.root=/scratch/shards
+
+The distributed layout comes from the environment (torchrun, srun, or a single process: phileo.train.dist).
+Exit status: 0 when the run completed or stopped with a checkpoint to be continued (preempted: the DONE marker
+is absent), 1 when it failed (non-finite loss) or raised, 2 for a bad command line or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from phileo.config import ConfigError, apply_overrides, load_config
+from phileo.train.config import PretrainConfig
+from phileo.train.dist import DistInfo
+from phileo.train.engine import StepContext, Task, Trainer, TrainResult
+from phileo.train.loss import FoundationLoss, make_views
+
+log = logging.getLogger("phileo.train")
+
+N_VIEWS = 2
+# Sentinel-2 true colour from the PhilEO band order (B02 B03 B04 B08 ...): R = B04, G = B03, B = B02.
+RGB = (2, 1, 0)
+RGB_GAIN = 3.5  # reflectance 0.0-0.29 → 0-1: the usual brightening of L2A true colour
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) reflectance → (B, 3, H, W) displayable true colour in [0, 1]."""
+    return (images[:, list(RGB)].float() * RGB_GAIN).clamp(0, 1)
+
+
+def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Stacks rows of (N, 3, H, W) images into one CHW grid with `pad` white pixels between tiles."""
+    n, c, h, w = rows[0].shape
+    grid = torch.ones(c, len(rows) * (h + pad) - pad, n * (w + pad) - pad)
+    for r, row in enumerate(rows):
+        for i in range(n):
+            grid[:, r * (h + pad):r * (h + pad) + h, i * (w + pad):i * (w + pad) + w] = row[i].detach().cpu()
+    return grid
+
+
+class FoundationTask(Task):
+    """PhilEO pretraining: model `model.name`, the node's shards through PretrainDataset, two corrupted views
+    per sample through the same weights (one forward pass on the stacked views), the foundation loss."""
+
+    split = "node"
+    name = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.loss = FoundationLoss(cfg.loss)
+
+    def build_model(self) -> nn.Module:
+        from phileo.models import create_model
+
+        overrides = dict(self.cfg.model.overrides)
+        if self.cfg.model.grad_checkpointing:
+            overrides["grad_checkpointing"] = True
+        return create_model(self.cfg.model.name, **overrides)
+
+    def train_dataset(self, info: DistInfo) -> Dataset:
+        from phileo.data import PretrainDataset
+
+        root = Path(self.cfg.data.root)
+        if not self.cfg.data.root:
+            raise ConfigError("data.root is not set: point it at the folder holding manifest.json written by "
+                              "preprocess/majortom_to_h5.py (data.root=/path/to/shards, or --data with the launcher)")
+        return PretrainDataset(root, node_rank=info.node_rank, num_nodes=info.num_nodes,
+                               patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> Any:
+        views, targets = make_views(batch["image"], ctx.generator(), n_views=N_VIEWS, flips=self.cfg.loss.flips,
+                                    erase_fraction=tuple(self.cfg.loss.erase_fraction))
+        batch["view_inputs"], batch["view_targets"] = views, targets
+        return model(views)
+
+    def compute_loss(self, outputs: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = {"images": batch["view_targets"], "coords": batch["coords"],
+                   "cloud_fraction": batch["cloud_fraction"]}
+        for key in ("buildings", "landcover", "aux_valid_fraction"):
+            if key in batch:
+                targets[key] = batch[key]
+        return self.loss(outputs, targets, n_views=N_VIEWS)
+
+    def images(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        n = min(4, batch["image"].shape[0])
+        b = batch["image"].shape[0]
+        rows = [rgb(batch["view_targets"][:n]), rgb(batch["view_inputs"][:n]),
+                rgb(outputs["reconstruction"][:n]),
+                rgb(batch["view_inputs"][b:b + n]), rgb(outputs["reconstruction"][b:b + n])]
+        return {"images/target_view1_recon1_view2_recon2": image_grid(rows)}
+
+    def train_flops_per_sample(self, model: nn.Module) -> float | None:
+        per_view = super().train_flops_per_sample(model)  # 3 × forward (forward + backward)
+        return N_VIEWS * per_view if per_view is not None else None
+
+    def hparams(self) -> dict[str, Any]:
+        return {"model": self.cfg.model.name, "patch_size": self.cfg.data.patch_size}
+
+
+def run_pretraining(cfg: PretrainConfig, info: DistInfo | None = None) -> TrainResult:
+    """Runs (or resumes, or finds finished) the pretraining described by `cfg` in this process.
+
+    The distributed layout comes from the environment unless `info` is given (phileo.train.dist.init_distributed);
+    the run resumes from the newest checkpoint in cfg.run.dir; a run whose DONE marker covers train.steps
+    returns at once. Returns TrainResult(status="completed" | "preempted" | "failed", step, final_loss, run_dir).
+    """
+    from phileo.config import validate
+
+    validate(cfg)
+    return Trainer(cfg, FoundationTask(cfg), info).fit()
+
+
+def build_config(config_path: str | None, resume_dir: str | None, overrides: Sequence[str]) -> PretrainConfig:
+    """The job config from a YAML file (or a run folder's config.yaml with --resume, or the defaults) plus
+    key=value overrides; --resume also pins run.dir to that folder."""
+    if resume_dir:
+        path = Path(resume_dir) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run folder written by "
+                              f"phileo.train.pretrain?")
+        return load_config(PretrainConfig, path, [*overrides, f"run.dir={resume_dir}"])
+    if config_path:
+        return load_config(PretrainConfig, config_path, overrides)
+    return apply_overrides(PretrainConfig(), overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m phileo.train.pretrain",
+        description="Pretrain a PhilEO model on HDF5 shards (DDP or DeepSpeed ZeRO; resumes from run.dir).",
+        epilog="Overrides are key=value, e.g. model.name=phileo_vit_100m train.strategy=zero2 data.batch_size=16 "
+               "train.steps=100000 optim.lr=3e-5 run.dir=$SCRATCH/runs/vit. Keys: see phileo/train/config.py.")
+    parser.add_argument("--config", help="YAML job config (sections model, data, loss, optim, train, checkpoint, run)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its config.yaml")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = build_config(args.config, args.resume, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from phileo.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = run_pretraining(cfg)
+    print(f"{result.status} at step {result.step} (final loss {result.final_loss}) in {result.run_dir}"
+          + (f": {result.message}" if result.message else ""), file=sys.stderr)
+    return 1 if result.status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""How the model is replicated or sharded: plain DDP, or DeepSpeed ZeRO 1/2/3 (applied in one place).
+
+Both strategies answer the same small interface the Trainer drives:
+
+    module                the callable to run forward (DDP wrapper / DeepSpeed engine / the bare model alone)
+    model                 the bare nn.Module (its state dict has no "module." prefix)
+    micro_step(loss, last) backward of one micro-batch (loss already averaged over that micro-batch)
+    optimizer_step()      clip, step, schedule at the end of a full step; returns the global grad norm
+    lr                    current learning rate
+    save(dir, ...) / load(dir)   the strategy's part of a checkpoint folder (see phileo.train.checkpoint)
+
+Gradient semantics are the same in both: the update uses the mean gradient over all micro-batches of all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from phileo.train import checkpoint as ckpt_io
+from phileo.train import dist
+from phileo.train.config import OptimConfig, TrainConfig
+from phileo.train.deepspeed_config import make_deepspeed_config, zero_stage
+from phileo.train.optim import build_optimizer, build_scheduler, lr_of
+
+log = logging.getLogger("phileo.train")
+
+
+class DDPStrategy:
+    """torch DistributedDataParallel (or the bare model when there is only one process)."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig):
+        self.model = model
+        self.info = info
+        self.train_cfg = train
+        self.optimizer = build_optimizer(model, optim, info.world_size)
+        self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
+        if info.distributed:
+            device_ids = [torch.device(info.device).index] if info.device.startswith("cuda") else None
+            # find_unused_parameters stays off: every PhilEO output feeds the loss, and the search costs a
+            # graph traversal per step. Frozen parameters (ViT pos_embed) are not in DDP's buckets anyway.
+            self.module: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            self.module = model
+        self.ds_config: dict[str, Any] | None = None
+
+    def no_sync(self, last_micro: bool):
+        """Skips the gradient all-reduce on all but the last micro-batch of a step."""
+        if last_micro or not isinstance(self.module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        # DDP averages over ranks; dividing by the accumulation count averages over micro-batches.
+        (loss / self.train_cfg.grad_accum_steps).backward()
+
+    def optimizer_step(self) -> float | None:
+        """Clips, steps the optimizer and the schedule; returns the global gradient norm before clipping. A
+        non-finite norm is returned without stepping, so the weights stay those of the last good step."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.train_cfg.grad_clip_norm if self.train_cfg.grad_clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return lr_of(self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The bare model's weights as fp32 CPU tensors (identical on every rank)."""
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                for k, v in self.model.state_dict().items()}
+
+    def save(self, ckpt: Path, model_payload: dict[str, Any]) -> None:
+        """Writes model.pt and optimizer.pt (global rank 0 only: DDP state is replicated)."""
+        if self.info.is_main:
+            ckpt_io.save_file({"model": self.full_state_dict(), **model_payload}, ckpt / "model.pt")
+            ckpt_io.save_file({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                              ckpt / "optimizer.pt")
+
+    def load(self, ckpt: Path) -> None:
+        state = ckpt_io.load_file(ckpt / "model.pt", "model checkpoint")
+        self.model.load_state_dict(state["model"])
+        if not (ckpt / "optimizer.pt").is_file():
+            raise FileNotFoundError(
+                f"{ckpt} has no optimizer.pt: it was not written by train.strategy=ddp (a ZeRO run keeps its "
+                f"optimizer under deepspeed/). Resume with the strategy it was written with, or start a new run "
+                f"folder initialised from {ckpt / 'model.pt'}")
+        opt = ckpt_io.load_file(ckpt / "optimizer.pt", "optimizer state")
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _import_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed's CPU accelerator compiles a shared-memory collective op (~2 min on 2 cores) the first time a
+    # process group is set up; gloo does the same job here. `__compatible_ops__` is an internal switch (checked
+    # with deepspeed 0.19.8, the version constraints.txt pins; without the switch the run is only slower to start).
+    if getattr(deepspeed.ops, "__compatible_ops__", None) is not None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO stage 1, 2 or 3 with our AdamW and schedule handed over as client objects."""
+
+    def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
+                 micro_batch_size: int, bf16: bool):
+        deepspeed = _import_deepspeed()
+        self.name = train.strategy
+        self.stage = zero_stage(train.strategy)
+        self.info = info
+        self.train_cfg = train
+        self.ds_config = make_deepspeed_config(train, micro_batch_size, info.world_size, bf16)
+        optimizer = build_optimizer(model, optim, info.world_size, cpu_offload=train.offload != "none")
+        scheduler = build_scheduler(optimizer, optim, train.steps)
+        engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.engine = engine
+        self.module = engine
+        self.model = engine.module
+        self._grad_norm = 0.0
+
+    def no_sync(self, last_micro: bool):
+        # DeepSpeed reduces at the accumulation boundary on its own.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        # engine.backward divides by gradient_accumulation_steps itself.
+        self.engine.backward(loss)
+        if not last_micro:
+            # Not a boundary: DeepSpeed's step only advances its micro-step counter here.
+            self.engine.step()
+
+    def optimizer_step(self) -> float | None:
+        """DeepSpeed's step at the accumulation boundary (clipping inside); returns its global gradient norm
+        before clipping, or None when it did not compute one."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The bare model's weights (collective under ZeRO-3: call on every rank). fp32 CPU tensors; under bf16
+        these are the bf16 working weights cast up; model.pt in a checkpoint holds the exact fp32 masters."""
+        if self.stage == 3:
+            import deepspeed
+
+            params = list(self.model.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                        for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                for k, v in self.model.state_dict().items()}
+
+    def save(self, ckpt: Path, model_payload: dict[str, Any]) -> None:
+        """DeepSpeed's sharded checkpoint (all ranks), then model.pt consolidated from it on rank 0."""
+        ds_dir = ckpt / "deepspeed"
+        self.engine.save_checkpoint(str(ds_dir), tag="state", save_latest=True)
+        dist.barrier()
+        if self.info.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            # The fp32 masters live in the optimizer partitions of every rank: this reads them all back and
+            # stitches the full model (the same routine as DeepSpeed's zero_to_fp32.py script).
+            with _quiet_stdout():
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            ckpt_io.save_file({"model": state, **model_payload}, ckpt / "model.pt")
+
+    def load(self, ckpt: Path) -> None:
+        ds_dir = ckpt / "deepspeed"
+        if not (ds_dir / "state").is_dir():
+            raise FileNotFoundError(
+                f"{ckpt} has no deepspeed/state/: it was not written by a ZeRO strategy (a ddp run keeps "
+                f"optimizer.pt). Resume with the strategy it was written with, or start a new run folder "
+                f"initialised from {ckpt / 'model.pt'}")
+        path, _ = self.engine.load_checkpoint(str(ds_dir), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {ds_dir} (see its log above); "
+                               f"was it written with another world size? ZeRO resumes need the same number of "
+                               f"processes")
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    # zero_to_fp32 prints progress to stdout on every save; keep the job's stdout for our log lines.
+    import io
+    import sys
+
+    saved = sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+
+
+def build_strategy(model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
+                   micro_batch_size: int, bf16: bool):
+    """DDPStrategy for train.strategy=ddp, DeepSpeedStrategy for zero1/zero2/zero3. `model` must already be on
+    info.device with identical initial weights on every rank (seed before building it)."""
+    if train.strategy == "ddp":
+        return DDPStrategy(model, info, train, optim)
+    return DeepSpeedStrategy(model, info, train, optim, micro_batch_size, bf16)
+
+
+__all__ = ["DDPStrategy", "DeepSpeedStrategy", "build_strategy"]

@@ -1,0 +1,77 @@
+"""What every PhilEO model reports about itself: parameter count and forward FLOPs per sample.
+
+FLOP convention (the one that reproduces the published figures, see docs/models.md): FLOPs are counted by
+`torch.utils.flop_counter.FlopCounterMode`, i.e. 2 FLOPs per multiply-accumulate of every convolution, transposed
+convolution, matrix multiply and attention product, and nothing for norms, activations, pooling, padding or
+interpolation. One forward pass of one (input_dim, img_size, img_size) sample. The count is taken on the `meta`
+device (shapes only), so it costs milliseconds and no memory even for the 300M models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_forward_flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -> int:
+    """Forward FLOPs of `model` on one batch of `input_shape` samples (2 per multiply-add, see module docstring).
+
+    Runs the model in eval mode under FlopCounterMode with an input on the model's device; use a meta-device model
+    to count without computing. Returns the total for the batch.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.zeros((batch_size, *input_shape), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+class PhilEOModel(nn.Module):
+    """Base of all PhilEO models: holds the typed `config` and answers num_params() / flops_per_sample().
+
+    Subclasses set `self.config` (a dataclass with `input_dim` and `img_size`) and can be rebuilt from it with
+    `type(self)(**self._init_kwargs())`.
+    """
+
+    config: Any
+    model_name: str | None = None  # the registry preset it was built from, set by create_model
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Number of parameters (all of them by default, frozen ones such as the ViT `pos_embed` included: the
+        published totals count them); with trainable_only, those with requires_grad."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one input sample."""
+        return (self.config.input_dim, self.config.img_size, self.config.img_size)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this model (same architecture, fresh weights)."""
+        return {"config": self.config}
+
+    def flops_per_sample(self) -> float:
+        """Forward FLOPs for one sample at the model's input size (2 per multiply-accumulate; see module doc)."""
+        cached = getattr(self, "_flops_per_sample_cache", None)
+        if cached is None:
+            with torch.device("meta"):
+                clone = type(self)(**self._init_kwargs())
+            cached = float(count_forward_flops(clone, self.input_shape))
+            object.__setattr__(self, "_flops_per_sample_cache", cached)
+        return cached
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turns activation checkpointing of the repeated blocks on or off (trades ~30 % more compute for memory)."""
+        self.config = dataclasses.replace(self.config, grad_checkpointing=enable)
+
+
+__all__ = ["count_forward_flops", "PhilEOModel"]

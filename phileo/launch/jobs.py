@@ -115,7 +115,13 @@ class RequeueOnPreemption(submitit.helpers.Checkpointable):
         print(f"[phileo.launch] job {env.job_id} preempted at step {step}: checkpoint written, requeueing "
               f"({self.requeue_count + 1}/{self.max_requeues}); the requeued job resumes from it.",
               file=sys.stderr, flush=True)
-        env._requeue(self.max_requeues - self.requeue_count - 1)  # local executor: exits with its requeue code
+        try:
+            env._requeue(self.max_requeues - self.requeue_count - 1)  # local executor: exits with its requeue code
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            # scancel'ed jobs cannot be requeued: the checkpoint is written, so report and end normally.
+            print(f"[phileo.launch] job {env.job_id}: requeue refused ({e}); the checkpoint at step {step} is "
+                  f"kept: to go on, {self.how_to_continue}.", file=sys.stderr, flush=True)
+            return
         # No result pickle for this run: the job is not over. SystemExit passes submitit's `except Exception`.
         raise SystemExit(0)
 

@@ -277,6 +277,10 @@ class Trainer:
         handlers = setup_logging(self.run_dir, self.info.global_rank)
         try:
             return self._fit(handlers)
+        except Exception:
+            # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
+            log.exception("training failed on global rank %d at step %d", self.info.global_rank, self.step + 1)
+            raise
         finally:
             self.stop_flag.restore()
             if self.writer is not None:

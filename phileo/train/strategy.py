@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,10 @@ def _import_deepspeed():
     if getattr(deepspeed.ops, "__compatible_ops__", None) is not None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 still calls the collectives torch 2.13 renamed; one warning per call would flood the log.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
@@ -208,16 +213,17 @@ class DeepSpeedStrategy:
 
 @contextlib.contextmanager
 def _quiet_stdout():
-    # zero_to_fp32 prints progress to stdout on every save; keep the job's stdout for our log lines.
+    # zero_to_fp32 prints progress lines and bars on every save; keep the job's output for our log lines.
+    # Errors still surface: they are exceptions, not prints.
     import io
     import sys
 
-    saved = sys.stdout
-    sys.stdout = io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = io.StringIO()
     try:
         yield
     finally:
-        sys.stdout = saved
+        sys.stdout, sys.stderr = saved
 
 
 def build_strategy(model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,

@@ -1,0 +1,159 @@
+"""Engine overhead: the Trainer's step time vs a bare PyTorch loop, same model, same batch, side by side.
+
+    python benchmarks/engine.py [--model phileo_cnn_tiny] [--img-size 128] [--batch-size 4] [--steps 20]
+
+Both sides do the same work per step: two corrupted views of the batch, one forward pass on the stacked views,
+the foundation loss, backward, gradient clipping, AdamW, the LR schedule. The bare loop is that and nothing else,
+on a batch already in memory. The engine adds its DataLoader (in-memory dataset, no worker processes, so its
+cost is counted in the step), the per-step loss/flag reduction, NaN checks, timing, metrics.jsonl and TensorBoard
+(every --log-every steps), everything the real runs do except checkpoints (--checkpoint-every to include them).
+
+A step is timed from the start of one forward pass to the start of the next, so everything between two steps
+(the engine's bookkeeping included) is inside it. Rounds alternate engine and bare loop so machine noise hits
+both; the figure is the median over all timed steps of all rounds. One process, CPU, `--threads` torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from phileo.config import apply_overrides  # noqa: E402
+from phileo.train.config import PretrainConfig  # noqa: E402
+from phileo.train.engine import Trainer  # noqa: E402
+from phileo.train.loss import FoundationLoss, make_views  # noqa: E402
+from phileo.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from phileo.train.pretrain import FoundationTask  # noqa: E402
+
+
+class MemoryPatches(Dataset):
+    """`n` fixed samples in the PretrainDataset item format, held in memory (the benchmark measures the engine,
+    not the storage)."""
+
+    def __init__(self, n: int, img_size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.image = torch.rand(n, 10, img_size, img_size, generator=g)
+        self.coords = torch.rand(n, 4, generator=g)
+        self.cloud = torch.softmax(torch.randn(n, 4, generator=g), -1)
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def __getitem__(self, i: int):
+        return {"image": self.image[i], "coords": self.coords[i], "cloud_fraction": self.cloud[i]}
+
+
+class TimedTask(FoundationTask):
+    """The pretraining task on MemoryPatches, noting when each step's forward pass starts."""
+
+    def __init__(self, cfg, dataset):
+        super().__init__(cfg)
+        self.dataset = dataset
+        self.starts: list[float] = []
+
+    def train_dataset(self, info):
+        return self.dataset
+
+    def forward(self, model, batch, ctx):
+        if ctx.micro_step == 0:
+            self.starts.append(time.perf_counter())
+        return super().forward(model, batch, ctx)
+
+
+def engine_round(cfg, dataset) -> list[float]:
+    task = TimedTask(cfg, dataset)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = apply_overrides(cfg, [f"run.dir={run_dir}"])
+        task.cfg = cfg
+        result = Trainer(cfg, task).fit()
+        if result.status != "completed":
+            raise RuntimeError(f"engine run ended {result.status}: {result.message}")
+    return [b - a for a, b in zip(task.starts, task.starts[1:])]
+
+
+def bare_round(cfg, dataset) -> list[float]:
+    """The same training written as a plain loop (seeded the same way, same ops)."""
+    torch.manual_seed(cfg.train.seed)
+    task = FoundationTask(cfg)
+    model = task.build_model()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    loss_fn = FoundationLoss(cfg.loss)
+    b = cfg.data.batch_size
+    batch = {k: torch.stack([dataset[i][k] for i in range(b)]) for k in ("image", "coords", "cloud_fraction")}
+    starts = []
+    for step in range(cfg.train.steps):
+        starts.append(time.perf_counter())
+        g = torch.Generator().manual_seed(step)
+        views, targets = make_views(batch["image"], g, erase_fraction=tuple(cfg.loss.erase_fraction))
+        outputs = model(views)
+        loss, _ = loss_fn(outputs, {"images": targets, "coords": batch["coords"],
+                                    "cloud_fraction": batch["cloud_fraction"]})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # a loop that never looks at its loss is not a training loop
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="phileo_cnn_tiny")
+    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="steps per round (the first --warmup are not timed)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--checkpoint-every", type=int, default=10 ** 9)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = apply_overrides(PretrainConfig(), [
+        f"model.name={args.model}", f"model.overrides={{img_size: {args.img_size}}}",
+        f"data.patch_size={args.img_size}", f"data.batch_size={args.batch_size}", "data.num_workers=0",
+        f"train.steps={args.steps}", "train.precision=fp32", "train.device=cpu", "optim.warmup_steps=2",
+        f"run.log_every_steps={args.log_every}", "run.image_every_steps=0",
+        f"checkpoint.every_steps={args.checkpoint_every}", "run.dir=unused"])
+    dataset = MemoryPatches(4 * args.batch_size, args.img_size)
+    engine_times, bare_times = [], []
+    for r in range(args.rounds):
+        e = engine_round(cfg, dataset)[args.warmup:]
+        b = bare_round(cfg, dataset)[args.warmup:]
+        engine_times += e
+        bare_times += b
+        print(f"round {r + 1}: engine {statistics.median(e) * 1e3:.1f} ms/step, bare {statistics.median(b) * 1e3:.1f}"
+              f" ms/step", file=sys.stderr)
+    engine_ms = statistics.median(engine_times) * 1e3
+    bare_ms = statistics.median(bare_times) * 1e3
+    overhead = engine_ms / bare_ms - 1
+    figures = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+               "threads": args.threads, "timed_steps_each": len(engine_times), "engine_ms_per_step": round(engine_ms, 2),
+               "bare_ms_per_step": round(bare_ms, 2), "overhead_pct": round(100 * overhead, 2),
+               "torch": torch.__version__}
+    print(json.dumps(figures, indent=2))
+    print(f"\n| model | batch | engine ms/step | bare loop ms/step | engine overhead |\n|---|---|---|---|---|\n"
+          f"| {args.model} @ {args.img_size} px | {args.batch_size} (×2 views) | {engine_ms:.1f} | {bare_ms:.1f} | "
+          f"{100 * overhead:+.1f} % |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

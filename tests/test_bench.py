@@ -178,15 +178,15 @@ def test_worldcover_codes_map_to_class_indices():
 def test_dataset_items_and_normalisations(data):
     doc = select_nshot(data, "lc", 2)
     ds = BenchDataset(data, "lc", doc["train"])
-    x, y = ds[0]
+    x, y = ds[0]["image"], ds[0]["label"]
     raw_x, raw_y = ds.read(0)
     assert x.shape == (10, 16, 16) and str(x.dtype) == "torch.float32"
     np.testing.assert_allclose(x.numpy(), raw_x.transpose(2, 0, 1) / 10000.0, rtol=1e-6)
     assert y.shape == (16, 16) and str(y.dtype) == "torch.int64"
     assert y.numpy().tolist() == worldcover_to_class(raw_y[..., 0]).tolist()
-    xs, _ = BenchDataset(data, "lc", doc["train"], normalisation="standardise")[0]
+    xs = BenchDataset(data, "lc", doc["train"], normalisation="standardise")[0]["image"]
     np.testing.assert_allclose(xs.numpy()[:, 3, 5], (raw_x[3, 5] - bench.BAND_MEAN) / bench.BAND_STD, rtol=1e-5)
-    xr, yr = BenchDataset(data, "building", doc["train"])[0]
+    yr = BenchDataset(data, "building", doc["train"])[0]["label"]
     assert yr.shape == (1, 16, 16) and str(yr.dtype) == "torch.float32"
     # A pickled dataset (DataLoader workers) carries paths, not the memory-mapped arrays.
     ds.read(1)
@@ -202,7 +202,8 @@ def test_augmentation_moves_image_and_label_together(data):
     torch.manual_seed(0)
     seen = set()
     for _ in range(12):
-        x, y = ds[0]
+        item = ds[0]
+        x, y = item["image"], item["label"]
         # The label must be the same transform of the raw label as x is of the raw image: find it by search.
         matches = [(k, f) for k in range(4) for f in (False, True)
                    if np.array_equal(_tf(raw_x.transpose(2, 0, 1), k, f), x.numpy())]

@@ -28,7 +28,7 @@ ARRAY_SCRIPT = REPO / "slurm" / "finetune_array.sh"
 
 
 def _sweep_file(tmp_path, name="s.yaml", **changes):
-    doc = {"name": "tiny", "base": {"data.root": "${BENCH_ROOT}", "train.max_epochs": 2},
+    doc = {"name": "tiny", "base": {"data.root": "${BENCH_ROOT}", "finetune.max_epochs": 2},
            "models": [{"label": "a", "model.name": "phileo_cnn_44m"},
                       {"label": "b", "model.name": "phileo_cnn_44m", "model.freeze_encoder": True}],
            "tasks": ["roads"], "n_shots": [5, 10], "lrs": [1.0e-3, 1.0e-4], "seeds": [0, 1]}

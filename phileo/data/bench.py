@@ -389,7 +389,7 @@ def normalise(x: np.ndarray, how: str) -> np.ndarray:
 
 
 class BenchDataset(Dataset):
-    """PhilEO Bench patches for one task as a torch Dataset of (x, y).
+    """PhilEO Bench patches for one task as a torch Dataset of {"image": x, "label": y}.
 
     x: float32 (10, S, S), normalised (see `normalise`). y: float32 (1, S, S) density for roads/building;
     int64 (S, S) class index (IGNORE_INDEX where the code is no WorldCover class) for lc.
@@ -466,7 +466,7 @@ class BenchDataset(Dataset):
             if flip:
                 x, y = x.flip(-1), y.flip(-1)
             x, y = x.contiguous(), y.contiguous()
-        return x, y
+        return {"image": x, "label": y}
 
 
 def nshot_datasets(root: str | Path, task: str, n_shot: int, seed: int = DEFAULT_NSHOT_SEED,

@@ -1,7 +1,19 @@
-"""The fine-tuning job config: typed sections, the reference recipe as defaults (see PHILEO_BENCH.md).
+"""The fine-tuning job config: the engine's sections with the reference recipe as defaults, plus epochs.
 
 Kept apart from phileo.train.finetune so that sweep expansion (on a login node, before anything is submitted)
-can validate every array task's overrides without importing the models or the training engine.
+can check every array task's overrides without importing the models or building anything.
+
+Sections: model, data, finetune (epochs, early stopping), and the engine's optim, train, checkpoint, run
+(phileo.train.config). Defaults follow the reference fine-tuning (PHILEO_BENCH.md): AdamW with eps 1e-6 and
+weight decay on every parameter, LR 1e-3 x sqrt(world size), batch 16 per GPU, up to 250 epochs, early stopping
+after 50 epochs without a better validation loss, 5 warm-up epochs, bf16 where the GPU has it.
+
+The engine counts optimizer steps, the bench protocol counts epochs: train.steps, train.eval_every_steps,
+optim.warmup_steps and checkpoint.every_steps are computed from the finetune.* epoch settings, the n-shot
+training set size, the batch size and the world size when the run starts (values given for them are replaced).
+One difference from the reference: its warm-up multiplied the LR by 10 each epoch from 1e-5 x lr; here the
+engine's linear warm-up over the same epochs is used, then the LR stays constant (optim.min_lr_ratio=1.0; lower
+it for a cosine decay over max_epochs).
 """
 
 from __future__ import annotations
@@ -10,37 +22,43 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from phileo.config import ConfigError
+from phileo.train.config import CheckpointConfig, LoaderConfig, OptimConfig, RunConfig, TrainConfig
 
 TASK_NAMES = ("roads", "building", "lc")
 
 
 @dataclass
 class FinetuneModelConfig:
-    """name: a phileo.models preset (phileo_cnn_44m, phileo_vit_100m, ...). init: where the encoder starts from:
-    "scratch" (random), a pretraining run folder (its newest checkpoint), a checkpoint folder or its model.pt, or a
-    published weights file (.pt/.pth/.safetensors) read by phileo.models.load_pretrained. freeze_encoder: train
-    only the decoder and head (decoder probing). kwargs: architecture overrides passed to the model builder
-    (e.g. a tiny model for tests: {dims: [8, 8], depths: [1, 1], latent_dim: 16, img_size: 32})."""
+    """name: a phileo.models preset (phileo_cnn_44m, phileo_cnn_200m, phileo_vit_100m, phileo_cnn_tiny, ...).
+    init: where the weights start from: "scratch" (random), a pretraining run folder (its newest checkpoint), a
+    checkpoint folder or its model.pt, or a published weights file; read by phileo.models.load_pretrained, which
+    transfers a pretraining encoder (and the U-Net decoder) and starts the task head fresh.
+    freeze_encoder: train only the decoder and head (decoder probing). overrides: config fields of the preset by
+    their published names (e.g. {img_size: 64} for 64 px patches)."""
 
     name: str = "phileo_cnn_44m"
     init: str = "scratch"
     freeze_encoder: bool = False
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("model.name is empty: name a phileo.models preset, e.g. phileo_cnn_44m")
         if not self.init:
-            raise ConfigError("model.init is empty: use 'scratch' or a checkpoint / run folder / weights file")
+            raise ConfigError("model.init is empty: use 'scratch', a pretraining run folder, a checkpoint or a "
+                              "published weights file")
 
 
 @dataclass
-class FinetuneDataConfig:
-    """root: the PhilEO-downstream folder (the *_s2.npy files). task: roads | building | lc. n_shot: training
-    patches per regional bucket (validation: ceil(val_ratio * n_shot)). nshot_seed: the selection seed, the same
-    for every model and training seed so they all see the same patches. nshot_index_dir: where the selection
-    JSON lives (default {root}/nshot_indices; set it when root is read-only). batch_size is per process."""
+class FinetuneDataConfig(LoaderConfig):
+    """root: the PhilEO-downstream folder (*_s2.npy + label files). task: roads | building | lc. n_shot: training
+    patches per regional bucket (validation: ceil(val_ratio * n_shot) per bucket). nshot_seed: the selection seed,
+    the same for every model and training seed so that all see the same patches. nshot_index_dir: where the
+    selection JSON is kept (default {root}/nshot_indices; set it when root is read-only). batch_size: per process.
+    eval_batch_size: for validation and test (0: batch_size)."""
 
+    batch_size: int = 16
     root: str = ""
     task: Literal["roads", "building", "lc"] = "roads"
     n_shot: int = 50
@@ -49,88 +67,86 @@ class FinetuneDataConfig:
     nshot_index_dir: str = ""
     normalisation: Literal["reflectance", "standardise", "none"] = "reflectance"
     augment: bool = False
-    batch_size: int = 16
-    eval_batch_size: int = 0  # 0: same as batch_size
-    num_workers: int = 4
+    eval_batch_size: int = 0
 
     def validate(self) -> None:
+        super().validate()
         if self.n_shot < 1:
-            raise ConfigError(f"data.n_shot must be >= 1, got {self.n_shot}")
+            raise ConfigError(f"data.n_shot must be >= 1 (patches per region bucket), got {self.n_shot}")
         if not 0 < self.val_ratio <= 1:
             raise ConfigError(f"data.val_ratio must be within (0, 1], got {self.val_ratio}")
-        if self.batch_size < 1 or self.eval_batch_size < 0 or self.num_workers < 0:
-            raise ConfigError("data.batch_size must be >= 1 and data.eval_batch_size, data.num_workers >= 0")
+        if self.eval_batch_size < 0:
+            raise ConfigError(f"data.eval_batch_size must be >= 0 (0 = data.batch_size), got {self.eval_batch_size}")
 
 
 @dataclass
-class FinetuneOptimConfig:
-    """AdamW as in the reference: lr is the base learning rate, scaled by sqrt(world size) when
-    scale_lr_with_world_size; warm-up starts at warmup_start_factor * lr and multiplies the LR by
-    (1/warmup_start_factor)^(1/warmup_epochs) each epoch (x10 per epoch for the defaults) up to lr, then constant."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    eps: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_epochs: int = 5
-    warmup_start_factor: float = 1e-5
-    scale_lr_with_world_size: bool = True
-    grad_clip_norm: float = 0.0  # 0: no clipping
-
-    def validate(self) -> None:
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0 "
-                              f"(got lr={self.lr}, eps={self.eps}, weight_decay={self.weight_decay})")
-        if self.warmup_epochs < 0 or not 0 < self.warmup_start_factor <= 1:
-            raise ConfigError("optim.warmup_epochs must be >= 0 and optim.warmup_start_factor within (0, 1]")
-
-
-@dataclass
-class FinetuneTrainConfig:
-    """max_epochs: upper bound (250 in the reference); early stopping after patience_epochs epochs without a
-    better validation loss (min_delta: smallest improvement that counts). precision: fp32 | bf16 | auto (bf16 on
-    GPUs that have it)."""
+class EpochConfig:
+    """The bench protocol in epochs (one epoch = the n-shot training set once, over all processes).
+    max_epochs: upper bound; patience_epochs: stop after this many epochs without a validation loss lower than
+    the best by more than min_delta; warmup_epochs: linear LR warm-up; val_every_epochs: validation interval;
+    checkpoint_every_epochs: resumable checkpoints (one is also written at the pre-timeout signal and at the end)."""
 
     max_epochs: int = 250
     patience_epochs: int = 50
     min_delta: float = 0.0
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    warmup_epochs: int = 5
     val_every_epochs: int = 1
-    log_every_steps: int = 10
+    checkpoint_every_epochs: int = 10
 
     def validate(self) -> None:
-        if self.max_epochs < 1 or self.patience_epochs < 1 or self.val_every_epochs < 1:
-            raise ConfigError("train.max_epochs, train.patience_epochs and train.val_every_epochs must be >= 1")
+        for name in ("max_epochs", "patience_epochs", "val_every_epochs", "checkpoint_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.min_delta < 0:
+            raise ConfigError("finetune.warmup_epochs and finetune.min_delta must be >= 0")
 
 
 @dataclass
-class FinetuneCheckpointConfig:
-    """every_epochs: save a resumable checkpoint every this many epochs (and at the pre-timeout signal)."""
+class FinetuneOptimConfig(OptimConfig):
+    """The engine's AdamW section with the reference fine-tuning values as defaults (see module docstring)."""
 
-    every_epochs: int = 1
-    keep_last: int = 1
-
-    def validate(self) -> None:
-        if self.every_epochs < 1 or self.keep_last < 1:
-            raise ConfigError("checkpoint.every_epochs and checkpoint.keep_last must be >= 1")
+    lr: float = 1e-3
+    lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
+    eps: float = 1e-6
+    decay_norm_and_bias: bool = False  # the reference decayed every parameter
+    min_lr_ratio: float = 1.0  # constant LR after warm-up
+    warmup_steps: int = 0  # computed from finetune.warmup_epochs
 
 
 @dataclass
-class FinetuneRunConfig:
-    dir: str = ""
-    requeue_signals: list[str] = field(default_factory=lambda: ["USR2", "TERM"])
+class FinetuneTrainConfig(TrainConfig):
+    grad_clip_norm: float = 0.0  # the reference did not clip
+
+    def validate(self) -> None:
+        super().validate()
+        if self.strategy != "ddp":
+            raise ConfigError(f"train.strategy={self.strategy}: fine-tuning runs with ddp (every bench model fits "
+                              f"one GPU; ZeRO would only add communication)")
+
+
+@dataclass
+class FinetuneCheckpointConfig(CheckpointConfig):
+    keep_last: int = 1  # the newest is enough to resume; the best weights travel inside it
+
+
+@dataclass
+class FinetuneRunConfig(RunConfig):
+    dir: str = "runs/finetune"
+    image_every_steps: int = 0  # input / label / prediction grids in TensorBoard (0 = never)
 
 
 @dataclass
 class FinetuneConfig:
+    """The whole fine-tuning job; saved as run.dir/config.yaml and inside result.json."""
+
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    finetune: EpochConfig = field(default_factory=EpochConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
-__all__ = ["FinetuneConfig", "FinetuneModelConfig", "FinetuneDataConfig", "FinetuneOptimConfig",
+__all__ = ["FinetuneConfig", "FinetuneModelConfig", "FinetuneDataConfig", "EpochConfig", "FinetuneOptimConfig",
            "FinetuneTrainConfig", "FinetuneCheckpointConfig", "FinetuneRunConfig", "TASK_NAMES"]

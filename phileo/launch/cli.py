@@ -73,7 +73,8 @@ def resources_from_args(site: SiteProfile, args: argparse.Namespace, saved: Opti
     saved_time = saved.get("time_min")
     kwargs = dict(
         nodes=pick("nodes"),
-        gpus_per_node=pick("gpus_per_node"),
+        # A resumed run keeps its tasks per node (= the --gpus-per-node flag; on CPU sites no GPU is recorded).
+        gpus_per_node=pick("gpus_per_node", "tasks_per_node"),
         cpus_per_task=pick("cpus_per_task"),
         mem=pick("mem"),
         time=args.time if getattr(args, "time", None) is not None else (saved_time if saved_time else None),

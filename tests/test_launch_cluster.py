@@ -1,0 +1,211 @@
+"""The launchers on the dev SLURM cluster, for real: multi-node pretraining, a time limit survived by
+requeue, the preprocessing array + merge, hostile names, and the same pretraining without SLURM.
+
+The pretraining runs are shared: one 2-node job runs straight through (the reference), an identical one with a
+2-minute limit is signalled, requeued and resumed, and both must end at the same step with the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phileo.launch.jobs import CommandJob
+from phileo.launch.resources import resolve_resources
+from phileo.launch.sites import load_site
+from phileo.launch.slurm import wait_for_job_id
+from phileo.launch.submit import make_plan, read_task_result, submit, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+STEPS = 40
+# Small and quick, but long enough (~1 min of 2 shared cores) that a 2-minute job is signalled before the end.
+TRAIN_ARGS = ["--site", "local", "--model", "phileo_cnn_tiny", "--steps", str(STEPS), "--batch-size", "2",
+              "optim.warmup_steps=2", "run.log_every_steps=1", "run.image_every_steps=0",
+              "checkpoint.every_steps=10", "data.num_workers=0"]
+
+
+def _launch(script: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, str(REPO / "jobs" / script), *args], capture_output=True, text=True, **kw)
+
+
+def _job_id(stdout: str) -> str:
+    m = re.search(r"submitted slurm job (\d+)", stdout)
+    assert m, f"no job id in the launcher's output:\n{stdout}"
+    return m.group(1)
+
+
+def _result(run: Path, job_id: str):
+    with open(run / "logs" / f"{job_id}_0_result.pkl", "rb") as fh:
+        return pickle.load(fh)
+
+
+def _logs(run: Path, pattern: str = "*.err") -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run / "logs").glob(pattern)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from phileo.data.synthetic import make_pretrain_shards
+
+    return make_pretrain_shards(tmp_path_factory.mktemp("launch-data"), n_cells=8, nodes=2)
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory, shards):
+    """Launches the reference and the time-limited run side by side (2 nodes each) and waits for both."""
+    base = tmp_path_factory.mktemp("launch-runs")
+    straight, requeued = base / "straight", base / "requeue"
+    common = [*TRAIN_ARGS, "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--data", str(shards)]
+    # The time-limited run goes through --wait: it must block across the requeue and report the final status.
+    waiter = subprocess.Popen(
+        [PY, str(REPO / "jobs/launch_pretrain.py"), *common, "--run-dir", str(requeued), "--job-name", "requeue",
+         "--time", "2", "--signal-delay-s", "60", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight",
+                    "--time", "30")
+    assert first.returncode == 0, first.stderr
+    straight_id = _job_id(first.stdout)
+    try:
+        out, err = waiter.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        waiter.kill()
+        out, err = waiter.communicate()
+        pytest.fail(f"--wait did not return within 8 minutes:\n{out}\n{err}\n{_logs(requeued)}")
+    wait_for_job_id(straight_id, timeout_s=300, poll_s=2)
+    return {"straight": (straight, straight_id, first), "requeue": (requeued, _job_id(out), waiter.returncode,
+                                                                      out, err)}
+
+
+def test_two_node_job_completes_with_checkpoints_and_tensorboard(pretrain_runs):
+    run, job_id, launch = pretrain_runs["straight"]
+    assert f"run folder:  {run}" in launch.stdout
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in launch.stdout
+    state, result = _result(run, job_id)
+    assert state == "success", result
+    assert (result.status, result.step) == ("completed", STEPS)
+    assert json.loads((run / "DONE").read_text())["step"] == STEPS
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "model.pt").is_file()
+    env = json.loads((run / "env.json").read_text())
+    assert env["layout"]["world_size"] == 2 and env["layout"]["source"] == "slurm"
+    assert sorted(r["slurm_node"] for r in env["ranks"]) == ["node1", "node2"] or \
+        len({r["slurm_node"] for r in env["ranks"]}) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/total")]
+    assert steps[-1] == STEPS and len(steps) == STEPS
+    # Both ranks' outputs landed in the run folder.
+    assert (run / "logs" / f"{job_id}_0_log.out").exists() and (run / "logs" / f"{job_id}_1_log.out").exists()
+
+
+def test_time_limit_requeue_resumes_to_the_same_step_and_loss(pretrain_runs):
+    run, job_id, returncode, out, err = pretrain_runs["requeue"]
+    logs = _logs(run)
+    assert returncode == 0, f"{out}\n{err}\n{logs[-3000:]}"
+    assert re.search(r"preempted at step \d+: checkpoint written, requeueing \(1/", logs), logs[-3000:]
+    assert f"status=completed step={STEPS}" in out
+    _, reference = _result(*pretrain_runs["straight"][:2])
+    state, result = _result(run, job_id)
+    assert state == "success" and (result.status, result.step) == ("completed", STEPS)
+    assert result.final_loss == pytest.approx(reference.final_loss, rel=1e-5, abs=1e-7)
+    # The resumed job started from a checkpoint written before the limit, not from scratch.
+    log_txt = (run / "log.txt").read_text()
+    assert re.search(r"resum\w* .*step \d+", log_txt, re.IGNORECASE), log_txt[-2000:]
+
+
+def test_dry_run_prints_exactly_the_submitted_script(pretrain_runs):
+    run, job_id, _ = pretrain_runs["straight"]
+    dry = _launch("launch_pretrain.py", "--resume", str(run), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    script = dry.stdout.split("# ---- batch script", 1)[1].split("\n", 1)[1].split("# ---- resolved config")[0]
+    assert script == (run / "logs" / f"{job_id}_submission.sh").read_text()
+
+
+def test_hostile_job_name_and_run_dir_on_the_cluster(tmp_path):
+    """sbatch reads the quoted #SBATCH values back verbatim; nothing in them runs; logs land in the odd folder."""
+    canary = tmp_path / "CANARY"
+    name = f"it's \"x\" $(touch {canary})"
+    run = tmp_path / f"a run 'dir' $(touch {canary})"
+    site = load_site("local")
+    res = resolve_resources(site, job_name=name, time="5")
+    job = submit(make_plan("slurm", site, res, run / "logs"), CommandJob(["echo", "hello from the job"]))
+    wait_for([job], timeout_s=120, poll_s=1)
+    assert read_task_result(job) == ("success", 0)
+    assert not canary.exists()
+    assert "hello from the job" in (run / "logs" / f"{job.job_id}_0_log.out").read_text()
+    shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job.job_id), "-o", "%j"],
+                           capture_output=True, text=True).stdout.strip()
+    assert shown == name
+
+
+def test_preprocess_array_then_merge_matches_a_local_conversion(tmp_path):
+    from phileo.data import load_manifest
+    from phileo.data.synthetic import write_majortom_parquet
+
+    source = tmp_path / "source"
+    write_majortom_parquet(source, 6, seed=1, cells_per_shard=3)
+    common = ["--site", "local", "--source", str(source), "--tasks", "2", "--train-nodes", "2", "--time", "10",
+              "--cells-per-chunk", "2"]
+    on_slurm = _launch("launch_preprocess.py", *common, "--cluster", "slurm", "--out", str(tmp_path / "slurm"),
+                       "--wait", timeout=400)
+    assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
+    ids = re.search(r"plan job (\d+), array job (\d+) \(2 tasks, %2\), merge job (\d+)", on_slurm.stdout)
+    assert ids, on_slurm.stdout
+    plan_id, array_id, merge_id = ids.groups()
+    submission = (tmp_path / "slurm/logs/merge" / f"{merge_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{array_id}" in submission
+    assert "#SBATCH --kill-on-invalid-dep=yes" in submission
+    local = _launch("launch_preprocess.py", *common, "--cluster", "local", "--out", str(tmp_path / "local"),
+                    timeout=400)
+    assert local.returncode == 0, local.stdout + local.stderr
+    on_cluster, here = load_manifest(tmp_path / "slurm"), load_manifest(tmp_path / "local")
+    assert len(on_cluster.chunks) == len(here.chunks) >= 2
+    assert [c.n_cells for c in on_cluster.chunks] == [c.n_cells for c in here.chunks]
+    assert on_cluster.num_cells == here.num_cells > 0
+    assert on_cluster.raw["assignment"]["num_nodes"] == 2
+
+
+def test_a_failed_stage_cancels_the_rest_and_wait_says_so(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    t0 = time.monotonic()
+    res = _launch("launch_preprocess.py", "--site", "local", "--cluster", "slurm", "--source", str(empty),
+                  "--out", str(tmp_path / "out"), "--tasks", "2", "--time", "5", "--wait", timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(r"plan job \d+ failed", res.stderr)
+    assert re.search(r"merge job \d+ failed: never ran", res.stderr)
+    assert time.monotonic() - t0 < 240
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_preflight_refuses_an_over_limit_request_before_submitting(tmp_path, shards):
+    res = _launch("launch_pretrain.py", "--site", "local", "--cluster", "slurm", "--nodes", "8", "--data",
+                  str(shards), "--run-dir", str(tmp_path / "run"))
+    assert res.returncode == 2
+    assert "--nodes 8 is more than the 4 nodes" in res.stderr and "use --nodes 4 or fewer" in res.stderr
+    assert "4 chunk(s) but the job has 8 nodes" in res.stderr
+    assert "submitted" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards):
+    run = tmp_path / "local"
+    # The flags of the cluster runs; the later --steps wins.
+    res = _launch("launch_pretrain.py", *TRAIN_ARGS, "--cluster", "local", "--gpus-per-node", "2",
+                  "--data", str(shards), "--run-dir", str(run), "--steps", "4", "--wait", timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "status=completed step=4" in res.stdout
+    env = json.loads((run / "env.json").read_text())
+    assert env["layout"]["world_size"] == 2 and env["layout"]["source"] == "torchrun"
+    assert all(r["slurm_node"] is None for r in env["ranks"])
+    assert (run / "DONE").exists() and (run / "checkpoints" / "step_00000004" / "model.pt").is_file()

@@ -8,6 +8,7 @@ The pretraining runs are shared: one 2-node job runs straight through (the refer
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -209,3 +210,63 @@ def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards)
     assert env["layout"]["world_size"] == 2 and env["layout"]["source"] == "torchrun"
     assert all(r["slurm_node"] is None for r in env["ranks"])
     assert (run / "DONE").exists() and (run / "checkpoints" / "step_00000004" / "model.pt").is_file()
+
+
+def test_plain_pretrain_sbatch_requeues_itself_until_done(tmp_path, shards):
+    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 0, no DONE) is
+    requeued by the batch shell, and the requeued launch finishes the run."""
+    run = tmp_path / "plain run"
+    (run / "logs").mkdir(parents=True)
+    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", "MAX_REQUEUES": "2"}
+    # The script's #SBATCH lines are Leonardo's: the command line replaces what the dev cluster cannot give.
+    args = ["--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
+            "--mem=0", "--time=10", f"--output={run}/logs/%j.out", f"--chdir={REPO}"]
+    overrides = ["model.name=phileo_cnn_tiny", f"data.root={shards}", "train.steps=4", "data.batch_size=2",
+                 "data.num_workers=0", "optim.warmup_steps=1", "run.image_every_steps=0",
+                 "train.max_steps_per_launch=2"]
+    out = subprocess.run(["sbatch", "--parsable", *args, str(REPO / "slurm" / "pretrain.sbatch"), *overrides],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    wait_for_job_id(job_id, timeout_s=300, poll_s=2)
+    log = (run / "logs" / f"{job_id}.out").read_text()
+    assert "requeueing job" in log and "training finished" in log, log[-3000:]
+    assert json.loads((run / "DONE").read_text())["step"] == 4
+    assert "(restart 1)" in log
+
+
+def test_sweep_as_job_arrays_split_at_max_array_size(tmp_path):
+    """Three fine-tuning tasks with MaxArraySize 2: two arrays, the second after the first (afterany)."""
+    import yaml
+
+    from phileo.data.bench_synthetic import make_bench_data
+
+    bench = tmp_path / "bench"
+    make_bench_data(bench, regions=("europe", "japan"), patches_per_file=4, val_patches_per_file=2, patch_size=32)
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "tiny", "max_parallel": 2,
+        "base": {"data.root": str(bench), "data.batch_size": 4, "data.num_workers": 0,
+                 "model.overrides": {"img_size": 32}, "finetune.max_epochs": 1, "finetune.warmup_epochs": 0,
+                 "run.tensorboard": False},
+        "models": [{"label": "tiny", "model.name": "phileo_cnn_tiny"}],
+        "tasks": ["building"], "n_shots": [4], "lrs": [1.0e-3], "seeds": [0, 1, 2]}))
+    out = tmp_path / "sweep"
+    res = _launch("launch_sweep.py", str(sweep), "--site", "local", "--cluster", "slurm", "--out", str(out),
+                  "--time", "10", "--max-array-size", "2", "--wait", timeout=480)
+    assert res.returncode == 0, res.stdout + res.stderr + _logs(out)[-3000:]
+    assert "sweep tasks: 3 completed" in res.stdout
+    record = json.loads((out / "launch.json").read_text())
+    first, second = record["arrays"]
+    assert (first["tasks"], second["tasks"]) == ([0, 1], [2])
+    scripts = {p.name: p.read_text() for p in (out / "logs").glob("*_submission.sh")}
+    first_script = next(t for n, t in scripts.items() if n.startswith(f"{first['job_id']}_"))
+    second_script = next(t for n, t in scripts.items() if n.startswith(f"{second['job_id']}_"))
+    assert "#SBATCH --array=0-1%2" in first_script
+    # submitit submits a one-task array as a plain job; it still waits for the first array.
+    assert f"#SBATCH --dependency=afterany:{first['job_id']}" in second_script
+    for i in range(3):
+        assert json.loads((out / "tasks" / f"{i:05d}" / "result.json").read_text())["status"] == "completed"
+    # Submitting again finds nothing left to do.
+    again = _launch("launch_sweep.py", str(sweep), "--site", "local", "--cluster", "slurm", "--out", str(out))
+    assert again.returncode == 0 and "nothing to submit" in again.stdout

@@ -134,3 +134,25 @@ def test_preprocess_dry_run_shows_three_chained_stages(tmp_path, capsys):
     assert "#SBATCH --kill-on-invalid-dep=yes" in out and "#SBATCH --gres" not in out
     assert "--task-index 7 --num-tasks 8" in out and "--cells-per-chunk 32" in out and "--merge" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_keeps_the_runs_config_and_resources(tmp_path, capsys, sixty_four_chunks):
+    from phileo.config import apply_overrides, save_config
+    from phileo.launch.resources import resolve_resources
+    from phileo.launch.sites import load_site
+    from phileo.launch.submit import update_launch_record
+    from phileo.train.config import PretrainConfig
+
+    run = tmp_path / "run"
+    cfg = apply_overrides(PretrainConfig(), [f"run.dir={run}", "train.steps=123", f"data.root={tmp_path}",
+                                             "model.name=phileo_cnn_tiny"])
+    save_config(cfg, run / "config.yaml")
+    res = resolve_resources(load_site("local"), gpus_per_node=2, time="45", job_name="mine")
+    update_launch_record(run, site="local", cluster="local", resources=res.to_dict(), job_ids=["1"])
+    code = pt_launch.main(["--resume", str(run), "--dry-run", "--time", "90", "train.steps=200"])
+    parts = _sections(capsys.readouterr().out)
+    assert code == 0, parts.get("preflight")
+    assert "2 local process(es)" in parts["batch"] and "time limit 90 min" in parts["batch"]
+    resumed = yaml.safe_load(parts["resolved"])
+    assert resumed["model"]["name"] == "phileo_cnn_tiny" and resumed["train"]["steps"] == 200
+    assert resumed["run"]["dir"] == str(run)

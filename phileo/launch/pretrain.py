@@ -155,7 +155,8 @@ def _launch(args: argparse.Namespace) -> int:
         record = read_launch_record(run_dir)
         saved = record.get("resources", {})
         base_file = run_dir / CONFIG_FILE
-        args.site = args.site or record.get("site")
+        saved_site = record.get("site_path")
+        args.site = args.site or (saved_site if saved_site and Path(saved_site).is_file() else record.get("site"))
         if args.cluster == "auto" and record.get("cluster"):
             args.cluster = record["cluster"]
     site = cli.pick_site(args.site)

@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slur
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-STEPS = 40
-# Small and quick, but long enough (~1 min of 2 shared cores) that a 2-minute job is signalled before the end.
+STEPS = 30
 TRAIN_ARGS = ["--site", "local", "--model", "phileo_cnn_tiny", "--steps", str(STEPS), "--batch-size", "2",
               "optim.warmup_steps=2", "run.log_every_steps=1", "run.image_every_steps=0",
               "checkpoint.every_steps=10", "data.num_workers=0"]
@@ -61,27 +60,61 @@ def shards(tmp_path_factory):
     return make_pretrain_shards(tmp_path_factory.mktemp("launch-data"), n_cells=8, nodes=2)
 
 
+def _steps_logged(run: Path) -> int:
+    steps = re.findall(r"step (\d+)/\d+", (run / "log.txt").read_text()) if (run / "log.txt").exists() else []
+    return max(map(int, steps), default=0)
+
+
+def _elapsed_s(job_id: str) -> int:
+    text = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%M"], capture_output=True, text=True).stdout
+    days, _, hms = text.strip().rpartition("-")
+    seconds = 0
+    for part in hms.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def _set_time_limit(job_id: str, minutes: int) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True,
+                   capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory, shards):
-    """Launches the reference and the time-limited run side by side (2 nodes each) and waits for both."""
+    """The reference and the time-limited run side by side (2 nodes each), both waited for.
+
+    The second run's time limit is cut, once its training loop is running, to 1-2 minutes from then: shorter
+    than its remaining work, and close enough that SLURM's USR2 (90 s before the limit) comes at once, however
+    fast this machine is. When it has requeued itself the limit is raised again so the resumed job can finish.
+    """
     base = tmp_path_factory.mktemp("launch-runs")
     straight, requeued = base / "straight", base / "requeue"
-    common = [*TRAIN_ARGS, "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--data", str(shards)]
+    common = [*TRAIN_ARGS, "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--data", str(shards),
+              "--time", "30"]
     # The time-limited run goes through --wait: it must block across the requeue and report the final status.
     waiter = subprocess.Popen(
         [PY, str(REPO / "jobs/launch_pretrain.py"), *common, "--run-dir", str(requeued), "--job-name", "requeue",
-         "--time", "2", "--signal-delay-s", "60", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight",
-                    "--time", "30")
-    assert first.returncode == 0, first.stderr
-    straight_id = _job_id(first.stdout)
+         "--signal-delay-s", "90", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = waiter.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
+        first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight")
+        assert first.returncode == 0, first.stderr
+        straight_id = _job_id(first.stdout)
+        deadline = time.monotonic() + 300
+        while _steps_logged(requeued) < 3:
+            assert waiter.poll() is None, "the time-limited run ended before it was signalled"
+            assert time.monotonic() < deadline, f"the time-limited run did not start training:\n{_logs(requeued)}"
+            time.sleep(1)
+        requeue_id = json.loads((requeued / "launch.json").read_text())["job_ids"][0]
+        _set_time_limit(requeue_id, _elapsed_s(requeue_id) // 60 + 2)
+        while not re.search(r"requeueing \(1/", _logs(requeued)):
+            assert waiter.poll() is None, f"ended without a requeue:\n{_logs(requeued)[-3000:]}"
+            assert time.monotonic() < deadline, f"no requeue:\n{_logs(requeued)[-3000:]}"
+            time.sleep(1)
+        _set_time_limit(requeue_id, 30)
+        out, err = waiter.communicate(timeout=400)
+    except BaseException:
         waiter.kill()
-        out, err = waiter.communicate()
-        pytest.fail(f"--wait did not return within 8 minutes:\n{out}\n{err}\n{_logs(requeued)}")
+        raise
     wait_for_job_id(straight_id, timeout_s=300, poll_s=2)
     return {"straight": (straight, straight_id, first), "requeue": (requeued, _job_id(out), waiter.returncode,
                                                                       out, err)}
@@ -122,7 +155,8 @@ def test_time_limit_requeue_resumes_to_the_same_step_and_loss(pretrain_runs):
     assert result.final_loss == pytest.approx(reference.final_loss, rel=1e-5, abs=1e-7)
     # The resumed job started from a checkpoint written before the limit, not from scratch.
     log_txt = (run / "log.txt").read_text()
-    assert re.search(r"resum\w* .*step \d+", log_txt, re.IGNORECASE), log_txt[-2000:]
+    assert "(stop signal SIGUSR2)" in log_txt, log_txt[-2000:]  # the pre-timeout signal, not the kill
+    assert re.search(r"resuming from .*step_\d+ \(step \d+", log_txt), log_txt[-2000:]
 
 
 def test_dry_run_prints_exactly_the_submitted_script(pretrain_runs):

@@ -108,9 +108,5 @@ def tensorboard_line(run_dir: Path) -> str:
     return f"tensorboard --logdir {shlex.quote(str(Path(run_dir) / 'tensorboard'))}"
 
 
-def config_error_exit(e: Exception) -> int:
-    return refuse(str(e))
-
-
 __all__ = ["EXIT_OK", "EXIT_JOB_FAILED", "EXIT_REFUSED", "ConfigError", "add_site_args", "add_resource_args",
            "add_run_args", "pick_site", "resources_from_args", "print_report", "refuse", "tensorboard_line"]

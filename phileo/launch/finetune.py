@@ -26,7 +26,7 @@ from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import FinetuneJob, SweepTaskJob
 from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir, preflight
 from phileo.launch.pretrain import _deep_merge, wait_and_report
-from phileo.launch.submit import (check_local_request, make_plan, prepare_run_dir, read_task_result,
+from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
 
 FINETUNE_FLAG_KEYS = {
@@ -240,7 +240,7 @@ def _launch_sweep(args: argparse.Namespace) -> int:
             jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
         else:
             jobs = submit_array(plan, fns)
-        array_id = str(jobs[0].job_id).split("_")[0]
+        array_id = base_job_id(jobs[0].job_id)
         array_ids.append(array_id)
         previous = array_id
         all_jobs += jobs

@@ -22,7 +22,7 @@ from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size
 from phileo.launch.jobs import CommandJob
 from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir
-from phileo.launch.submit import (make_plan, read_task_result, resolve_cluster, submit, submit_array,
+from phileo.launch.submit import (base_job_id, make_plan, read_task_result, resolve_cluster, submit, submit_array,
                                   update_launch_record, wait_for)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
     array_plan = make_plan(cluster, site, res, log_dir / "array", requeue=False, array_parallelism=parallel,
                            dependency=f"afterok:{plan_job.job_id}")
     array_jobs = submit_array(array_plan, [CommandJob(c) for c in cmds["tasks"]])
-    array_id = str(array_jobs[0].job_id).split("_")[0]
+    array_id = base_job_id(array_jobs[0].job_id)
     merge_plan = make_plan(cluster, site, res, log_dir / "merge", requeue=False, dependency=f"afterok:{array_id}")
     merge_job = submit(merge_plan, CommandJob(cmds["merge"]))
     update_launch_record(log_dir, kind="preprocess", site=site.name, cluster=cluster, resources=res.to_dict(),

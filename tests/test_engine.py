@@ -151,7 +151,12 @@ def test_tensorboard_events_read_back(straight_run):
     for e in acc.Scalars("lr"):
         assert e.value == pytest.approx(5e-2 * lr_factor(e.step - 1, 6, 2, 0.0), rel=1e-6, abs=1e-12)
     assert [e.step for e in acc.Images("images/input")] == [3, 6]
-    assert "hparams" in str(acc.summary_metadata) or (run / "tensorboard").is_dir()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["strategy"].string_value == "ddp" and hparams["steps"].number_value == 6
 
 
 def test_a_finished_run_returns_at_once(straight_run):
@@ -259,3 +264,42 @@ def test_an_exception_on_one_rank_ends_every_rank(tmp_path):
     assert "finished without error" not in "".join(outputs)
     assert elapsed < 60, f"the healthy rank took {elapsed:.0f} s to notice its peer died"
     assert not math.isnan(elapsed)
+
+
+def test_raising_train_steps_extends_a_finished_run(straight_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "extended"
+    shutil.copytree(straight_run[0], run)
+    result = Trainer(toy_config(run, "train.steps=8"), ToyTask()).fit()
+    assert result.status == "completed" and result.step == 8
+    assert json.loads((run / "DONE").read_text())["step"] == 8
+    assert sorted(read_metrics(run)) == list(range(1, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, strategy):
+    """4 samples per step as one batch or as 2 micro-batches of 2: same mean gradient, same loss curve."""
+    whole = Trainer(toy_config(tmp_path / "whole", f"train.strategy={strategy}"), ToyTask()).fit()
+    accum = Trainer(toy_config(tmp_path / "accum", f"train.strategy={strategy}", "data.batch_size=2",
+                               "train.grad_accum_steps=2"), ToyTask()).fit()
+    assert (whole.status, accum.status) == ("completed", "completed")
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "accum")
+    assert [b[s]["loss/total"] for s in range(1, 7)] == pytest.approx([a[s]["loss/total"] for s in range(1, 7)],
+                                                                      rel=1e-5)
+    assert b[6]["perf/samples_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_bf16_on_cpu_trains_and_saves_fp32_weights(tmp_path, strategy):
+    run = tmp_path / "bf16"
+    result = Trainer(toy_config(run, f"train.strategy={strategy}", "train.precision=bf16"), ToyTask()).fit()
+    assert result.status == "completed" and math.isfinite(result.final_loss)
+    metrics = read_metrics(run)
+    assert metrics[6]["loss/total"] < metrics[1]["loss/total"]
+    weights = ckpt_io.load_model_state(ckpt_io.latest_checkpoint(run))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    if strategy == "zero2":
+        assert json.loads((run / "deepspeed_config.json").read_text())["bf16"] == {"enabled": True}

@@ -40,6 +40,11 @@ def make_deepspeed_config(train: TrainConfig, micro_batch_size: int, world_size:
     if stage == 3:
         # No extra gather of the 16-bit weights on save: model.pt is consolidated from the fp32 partitions.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # DeepSpeed's "memory-efficient linear" replaces torch.nn.functional.linear for the whole process, for
+        # good (its own log says so): later runs in the same process (tests, in-process sweeps) would compute
+        # differently. It saves holding gathered Linear weights until backward, a few hundred MB for our largest
+        # models; we keep torch's linear.
+        zero["memory_efficient_linear"] = False
     if train.offload in ("optimizer", "optimizer_and_params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if train.offload == "optimizer_and_params":

@@ -87,7 +87,7 @@ class StepContext:
 class Task:
     """What a job trains: subclass and override. The Trainer owns everything else.
 
-    Required: build_model(), train_dataset(info), compute_loss(outputs, batch).
+    Required: build_model(), train_dataset(info) (called first), compute_loss(outputs, batch).
     Optional hooks (defaults shown in the methods): forward(), evaluate(), should_stop(), images(),
     train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint), on_save().
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
@@ -99,7 +99,8 @@ class Task:
     name = "task"
 
     def build_model(self) -> nn.Module:
-        """The bare model, on CPU; called after seeding with train.seed on every rank (identical weights)."""
+        """The bare model, on CPU; called after train_dataset() and after seeding with train.seed on every rank
+        (identical weights). Parameters left with requires_grad=False are neither synchronised nor optimised."""
         raise NotImplementedError
 
     def train_dataset(self, info: dist.DistInfo) -> Dataset:
@@ -268,12 +269,15 @@ class Trainer:
         """Trains to train.steps (resuming if the run folder has checkpoints); see the module docstring."""
         cfg = self.cfg
         done = ckpt_io.read_done(self.run_dir)
-        if done is not None and int(done.get("step", 0)) >= cfg.train.steps:
+        if done is not None and (int(done.get("step", 0)) >= cfg.train.steps or done.get("stopped_early")):
             self.step = int(done["step"])
             log.info("%s is already complete (DONE at step %d): nothing to do", self.run_dir, self.step)
             return TrainResult("completed", self.step, done.get("final_loss"), self.run_dir,
                                message="already complete")
         self._setup_run_dir()
+        if done is not None and self.info.is_main:
+            # train.steps was raised past a finished run: it is not finished any more until the new end.
+            (self.run_dir / ckpt_io.DONE).unlink(missing_ok=True)
         handlers = setup_logging(self.run_dir, self.info.global_rank)
         try:
             return self._fit(handlers)
@@ -292,6 +296,9 @@ class Trainer:
         latest = dist.broadcast_object(ckpt_io.latest_checkpoint(self.run_dir) if info.is_main else None)
         start_step = ckpt_io.checkpoint_step(latest) if latest is not None else 0
 
+        # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
+        # (pretraining trains the auxiliary heads only when the shards carry their targets).
+        dataset = self.task.train_dataset(info)
         self._seed_all(cfg.train.seed)
         model = self.task.build_model()
         flops = self.task.train_flops_per_sample(model) if info.is_main else None
@@ -312,7 +319,6 @@ class Trainer:
             self._seed_all(cfg.train.seed + 7919 * info.global_rank)
         self.step = start_step
 
-        dataset = self.task.train_dataset(info)
         loader, sampler = build_loader(
             dataset, info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
             start_sample=self.samples_consumed, split=self.task.split,
@@ -452,7 +458,7 @@ class Trainer:
             if stop_early:
                 log.info("the task asked to stop early at step %d", step)
                 return self._finish(step, saved=True, stopped_early=True)
-            if stop_requested or launch_limit:
+            if (stop_requested and step < total) or launch_limit:
                 why = (f"stop signal {self.stop_flag.signal_name or '(on another rank)'}" if stop_requested
                        else f"train.max_steps_per_launch={cfg.train.max_steps_per_launch}")
                 log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", step, total, why)

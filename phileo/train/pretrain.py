@@ -33,6 +33,8 @@ N_VIEWS = 2
 # Sentinel-2 true colour from the PhilEO band order (B02 B03 B04 B08 ...): R = B04, G = B03, B = B02.
 RGB = (2, 1, 0)
 RGB_GAIN = 3.5  # reflectance 0.0-0.29 → 0-1: the usual brightening of L2A true colour
+# Optional targets → the model heads that predict them (named as in the published state dicts).
+AUX_HEADS = {"buildings": "encoder.head_buildings", "landcover": "encoder.head_landcover"}
 
 
 def rgb(images: torch.Tensor) -> torch.Tensor:
@@ -60,14 +62,24 @@ class FoundationTask(Task):
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.loss = FoundationLoss(cfg.loss)
+        # Auxiliary targets the data carries (set by train_dataset(), which the Trainer calls first).
+        self.aux_targets: set[str] = set()
 
     def build_model(self) -> nn.Module:
+        """create_model(model.name, **model.overrides); the auxiliary heads whose targets the shards do not carry
+        are frozen (no gradient would reach them: DDP would stop on the unused parameters, and AdamW's weight
+        decay would shrink them for nothing). They stay in the state dict, untouched."""
         from phileo.models import create_model
 
         overrides = dict(self.cfg.model.overrides)
         if self.cfg.model.grad_checkpointing:
             overrides["grad_checkpointing"] = True
-        return create_model(self.cfg.model.name, **overrides)
+        model = create_model(self.cfg.model.name, **overrides)
+        frozen = [head for target, head in AUX_HEADS.items() if target not in self.aux_targets]
+        for name, p in model.named_parameters():
+            if name.startswith(tuple(f"{h}." for h in frozen)):
+                p.requires_grad_(False)
+        return model
 
     def train_dataset(self, info: DistInfo) -> Dataset:
         from phileo.data import PretrainDataset
@@ -76,8 +88,10 @@ class FoundationTask(Task):
         if not self.cfg.data.root:
             raise ConfigError("data.root is not set: point it at the folder holding manifest.json written by "
                               "preprocess/majortom_to_h5.py (data.root=/path/to/shards, or --data with the launcher)")
-        return PretrainDataset(root, node_rank=info.node_rank, num_nodes=info.num_nodes,
-                               patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
+        dataset = PretrainDataset(root, node_rank=info.node_rank, num_nodes=info.num_nodes,
+                                  patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
+        self.aux_targets = {t for t in AUX_HEADS if t in dataset[0]} if len(dataset) else set()
+        return dataset
 
     def forward(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> Any:
         views, targets = make_views(batch["image"], ctx.generator(), n_views=N_VIEWS, flips=self.cfg.loss.flips,

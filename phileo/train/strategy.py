@@ -182,18 +182,25 @@ class DeepSpeedStrategy:
                 for k, v in self.model.state_dict().items()}
 
     def save(self, ckpt: Path, model_payload: dict[str, Any]) -> None:
-        """DeepSpeed's sharded checkpoint (all ranks), then model.pt consolidated from it on rank 0."""
+        """DeepSpeed's sharded checkpoint (all ranks), then model.pt on rank 0: the module's full state (frozen
+        parameters and buffers included; gathered under ZeRO-3) with every trained parameter replaced by its
+        exact fp32 master weights, which live in the optimizer partitions of all ranks."""
         ds_dir = ckpt / "deepspeed"
+        module_state = self.full_state_dict()  # collective under zero3: before the rank-0-only part
         self.engine.save_checkpoint(str(ds_dir), tag="state", save_latest=True)
         dist.barrier()
         if self.info.is_main:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            # The fp32 masters live in the optimizer partitions of every rank: this reads them all back and
-            # stitches the full model (the same routine as DeepSpeed's zero_to_fp32.py script).
+            # The same routine as DeepSpeed's zero_to_fp32.py script. It leaves out frozen parameters under
+            # ZeRO-1 (DeepSpeed saves their shapes only from stage 2 on): the module state fills those in.
             with _quiet_stdout():
-                state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
-            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+                masters = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
+            unknown = sorted(set(masters) - set(module_state))
+            if unknown:
+                raise RuntimeError(f"DeepSpeed's checkpoint in {ds_dir} has parameters the model does not: "
+                                   f"{unknown[:5]}")
+            state = {k: masters[k].float() if k in masters else v for k, v in module_state.items()}
             ckpt_io.save_file({"model": state, **model_payload}, ckpt / "model.pt")
 
     def load(self, ckpt: Path) -> None:

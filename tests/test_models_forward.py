@@ -191,3 +191,20 @@ def test_torch_compile_traces_whole_graph(name):
     every_output_loss(out).backward()
     for k in ref:
         torch.testing.assert_close(out[k].detach(), ref[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_cnn_block_forward_backward():
+    """The inductor backend (not only tracing): a CNNBlock's replicate padding used to fail in the compiled
+    backward (aten.replication_pad2d_backward stride assertion, torch 2.13); gradients must match eager."""
+    from phileo.models.blocks import CNNBlock
+
+    torch.manual_seed(0)
+    block = CNNBlock(3, 4, (16, 16), nn.GELU())
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    compiled(x).square().mean().backward()
+    grad_compiled = x.grad.clone()
+    x.grad = None
+    block(x).square().mean().backward()
+    torch.testing.assert_close(grad_compiled, x.grad, rtol=1e-4, atol=1e-6)

@@ -63,8 +63,11 @@ class PhilEOModel(nn.Module):
         """Forward FLOPs for one sample at the model's input size (2 per multiply-accumulate; see module doc)."""
         cached = getattr(self, "_flops_per_sample_cache", None)
         if cached is None:
-            with torch.device("meta"):
-                clone = type(self)(**self._init_kwargs())
+            if next(self.parameters()).is_meta:
+                clone = self
+            else:
+                with torch.device("meta"):
+                    clone = type(self)(**self._init_kwargs())
             cached = float(count_forward_flops(clone, self.input_shape))
             object.__setattr__(self, "_flops_per_sample_cache", cached)
         return cached

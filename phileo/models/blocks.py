@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 ACTIVATIONS = {"GELU": nn.GELU, "LeakyReLU": nn.LeakyReLU, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
 
@@ -42,7 +43,14 @@ class ChwLayerNorm(nn.LayerNorm):
         var, mean = torch.var_mean(xf, dim=(1, 2, 3), keepdim=True, correction=0)
         y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
         # Under autocast F.layer_norm returns float32; outside it, the input dtype. Do the same.
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class ScaleSkip2D(nn.Module):
@@ -101,6 +109,30 @@ class SEBlock(nn.Module):
         return x * gate[:, :, None, None]
 
 
+class ReplicateConv2d(nn.Conv2d):
+    """Conv2d with replicate padding, the same maths and parameters as `nn.Conv2d(..., padding=k // 2,
+    padding_mode="replicate")`.
+
+    Under torch.compile the padding is written as edge concatenation instead of aten.replication_pad2d, whose
+    backward trips an inductor stride assertion in torch 2.13 (seen on CPU: "expected size 10==10, stride 1==16384
+    ... replication_pad2d_backward"); eager mode keeps the single fused padding kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, padding=0, bias=bias)
+        self.replicate = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.replicate
+        if p:
+            if torch.compiler.is_compiling():
+                x = torch.cat([x[:, :, :1].expand(-1, -1, p, -1), x, x[:, :, -1:].expand(-1, -1, p, -1)], dim=2)
+                x = torch.cat([x[..., :1].expand(-1, -1, -1, p), x, x[..., -1:].expand(-1, -1, -1, p)], dim=3)
+            else:
+                x = F.pad(x, (p, p, p, p), mode="replicate")
+        return F.conv2d(x, self.weight, self.bias)
+
+
 class CNNBlock(nn.Module):
     """The PhilEO residual CNN block, tied to one spatial size by its (C, H, W) LayerNorms.
 
@@ -130,7 +162,7 @@ class CNNBlock(nn.Module):
         self.norm1 = ChwLayerNorm([channels_out, h, w])
         self.norm2 = ChwLayerNorm([channels_out, h, w])
         self.conv1 = nn.Conv2d(channels_in, channels_out, 1, bias=False)
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False, padding_mode="replicate")
+        self.conv2 = ReplicateConv2d(channels_out, channels_out, 3, bias=False)
         self.conv3 = nn.Conv2d(channels_out, channels_out, 1, bias=True)
         self.scaler = ScaleSkip2D(channels_out)
 
@@ -260,6 +292,6 @@ def conv_out_hw(img_size: int, factor: int) -> int:
 
 
 __all__ = [
-    "ACTIVATIONS", "make_activation", "ChwLayerNorm", "ScaleSkip2D", "SEBlock", "CNNBlock", "Attention", "Mlp",
+    "ACTIVATIONS", "make_activation", "ChwLayerNorm", "ScaleSkip2D", "SEBlock", "ReplicateConv2d", "CNNBlock", "Attention", "Mlp",
     "TransformerBlock", "run_blocks", "sincos_pos_embed_2d", "xavier_init_linear_and_norm", "conv_out_hw",
 ]

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from phileo.fsutil import atomic_path
 
-_WRAPPER_SEGMENTS = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+_LEADING_WRAPPERS = ("module", "_orig_mod")  # DDP / DeepSpeed engine, torch.compile around the whole model
+_INNER_WRAPPERS = ("_orig_mod", "_checkpoint_wrapped_module")  # compiled or checkpoint-wrapped submodules
 _GLOBAL_STEP = re.compile(r"^global_step(\d+)$")
 
 
@@ -177,12 +178,15 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Removes `module.` (DDP, DeepSpeed), `_orig_mod.` (torch.compile) and activation-checkpoint wrapper segments
-    wherever they occur in a key; refuses a state dict where two keys collapse to one name."""
+    """Removes leading `module.` (DDP, DeepSpeed) and `_orig_mod.` (torch.compile) prefixes, and `_orig_mod` /
+    `_checkpoint_wrapped_module` segments of wrapped submodules; refuses a state dict where two keys collapse to
+    one name."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        parts = [seg for seg in key.split(".") if seg + "." not in _WRAPPER_SEGMENTS]
-        new = ".".join(parts)
+        parts = key.split(".")
+        while len(parts) > 1 and parts[0] in _LEADING_WRAPPERS:
+            parts = parts[1:]
+        new = ".".join(seg for seg in parts if seg not in _INNER_WRAPPERS)
         if new in out:
             raise ValueError(f"two checkpoint keys map to {new!r} once wrapper prefixes are removed; the checkpoint "
                              f"mixes wrapped and unwrapped copies of the model")

@@ -16,9 +16,17 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from phileo.models.base import PhilEOModel
-from phileo.models.blocks import ChwLayerNorm, CNNBlock, ScaleSkip2D, conv_out_hw, make_activation
+from phileo.models.blocks import (
+    ChwLayerNorm,
+    CNNBlock,
+    ReplicateConv2d,
+    ScaleSkip2D,
+    conv_out_hw,
+    make_activation,
+)
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class FoundationDecoder(nn.Module):
         self.upsamplers = nn.ModuleList(
             nn.Sequential(
                 nn.UpsamplingBilinear2d(scale_factor=2),  # align_corners=True, as published
-                nn.Conv2d(dims[i], dims[i + 1], 3, padding=1, bias=False, padding_mode="replicate"),
+                ReplicateConv2d(dims[i], dims[i + 1], 3, bias=False),
                 ChwLayerNorm([dims[i + 1], sizes[i + 1], sizes[i + 1]]),
                 act,
             )

@@ -6,10 +6,7 @@ than in per-module fixtures, because several test modules import these helpers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 N_CELLS = 8
 SEED = 3

@@ -140,3 +140,21 @@ def test_timestamps_in_every_published_form():
     assert timestamp_of_product_id("S2A_MSIL2A_20200815T102031_N0214_R065_T32TQM_20200815T130004") == want
     with pytest.raises(ValueError):
         normalise_timestamp("last tuesday")
+
+
+@pytest.mark.parametrize("use_metadata", [True, False])
+def test_a_shard_that_does_not_open_is_reported_and_the_rest_still_lists(sources, tmp_path, use_metadata):
+    import shutil
+
+    root = tmp_path / "cut"
+    shutil.copytree(sources[0], root)
+    shard = root / "Core-S2L2A" / "images" / "part_00002.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # a download cut short
+    src = MajorTOMSource(root, use_metadata=use_metadata)
+    refs = src.list_cells()
+    assert len(refs) == 4 and all("part_00001" in r.path for r in refs)
+    assert src.unreadable and all("part_00002.parquet does not open" in u["reason"] for u in src.unreadable)
+    if use_metadata:  # the metadata says which cells were in it
+        assert len(src.unreadable) == N_CELLS - 4 + len(FAULTS["duplicates"])
+        in_shard_2 = list(range(4, N_CELLS)) + FAULTS["duplicates"]  # the duplicate row sits there too
+        assert {u["grid_cell"] for u in src.unreadable} == {cell_spec(i, SEED).grid_cell for i in in_shard_2}

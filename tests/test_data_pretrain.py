@@ -14,8 +14,6 @@ from phileo.data.majortom import BANDS_10M, BANDS_20M
 from phileo.data.pretrain import upsample2_bilinear
 from phileo.data.synthetic import cell_spec, make_pretrain_shards, reference_image
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -183,7 +181,12 @@ def test_upsampling_matches_torch_bilinear():
 
 
 def test_make_pretrain_shards_gives_a_ready_folder(tmp_path):
-    root = make_pretrain_shards(tmp_path, n_cells=4, nodes=2, seed=9)
-    assert (root / "manifest.json").is_file() and load_manifest(root).num_cells == 4
-    assert len(PretrainDataset(root, node_rank=1, num_nodes=2)) >= 1
-    assert make_pretrain_shards(tmp_path, n_cells=4, nodes=2, seed=9) == root  # reused
+    root = make_pretrain_shards(tmp_path, n_cells=3, nodes=3, seed=9)
+    m = load_manifest(root)
+    assert m.num_cells == 3 and m.assignment["num_nodes"] == 3
+    assert all(len(PretrainDataset(root, node_rank=k, num_nodes=3)) == 1 for k in range(3))
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    assert make_pretrain_shards(tmp_path, n_cells=3, nodes=3, seed=9) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused
+    make_pretrain_shards(tmp_path, n_cells=2, nodes=1, seed=9)
+    assert load_manifest(root).num_cells == 2  # other arguments: regenerated

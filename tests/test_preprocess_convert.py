@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import h5py
-import hdf5plugin  # noqa: F401
+import hdf5plugin  # noqa: F401  (registers the Blosc filter of the chunk files)
 import numpy as np
 import pytest
 
-from _preprocess_fixtures import FAULTS, GOOD, N_CELLS, SEED, converted, parquet_source, source_cells, tree_source
+from _preprocess_fixtures import FAULTS, GOOD, N_CELLS, SEED, converted, parquet_source, source_cells
 from phileo.data import assign_chunks, load_manifest
 from phileo.data import convert as conv
 from phileo.data.convert import ConvertConfig, convert, convert_task, merge
@@ -142,6 +142,12 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_cell(tmp_path_factor
     assert set(_cells_in(tmp_path / "out")) == _good_keys()
     again = (chunks / "chunk_00000.h5").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # reused, not redone
+    # Killed between a chunk's rename and its sidecar: the sidecar is rebuilt from the chunk, not redone.
+    sidecar = json.loads((chunks / "chunk_00000.json").read_text())
+    (chunks / "chunk_00000.json").unlink()
+    convert(cfg)
+    assert json.loads((chunks / "chunk_00000.json").read_text())["checksum"] == sidecar["checksum"]
+    assert (chunks / "chunk_00000.h5").stat().st_ino == first.st_ino
 
 
 @pytest.mark.slow
@@ -160,7 +166,7 @@ def test_sigkilled_cli_run_leaves_only_complete_chunks_and_resumes(tmp_path_fact
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     for h5 in (out / "chunks").glob("chunk_*.h5"):
         with h5py.File(h5, "r") as f:  # every visible chunk is complete
-            assert "report" in f.attrs and f["cells/grid_cell"].shape[0] == f["bands_10m"].shape[0]
+            assert "report" in f and f["cells/grid_cell"].shape[0] == f["bands_10m"].shape[0]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert set(_cells_in(out)) == _good_keys()
@@ -246,10 +252,18 @@ def test_load_manifest_errors_name_the_file_and_the_fix(tmp_path, tmp_path_facto
 def test_array_task_index_comes_from_slurm_variables():
     args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array"])
     cfg = conv.config_from_args(args, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4",
-                                       "SLURM_ARRAY_TASK_MIN": "5"})
+                                       "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "8"})
     assert (cfg.task_index, cfg.num_tasks) == (2, 4)
     with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID"):
         conv.config_from_args(args, {})
+    # A re-submitted subset (--array=17,40) is not a range: its ids are indices only with --num-tasks.
+    subset = {"SLURM_ARRAY_TASK_ID": "40", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "17",
+              "SLURM_ARRAY_TASK_MAX": "40"}
+    with pytest.raises(ValueError, match="add --num-tasks"):
+        conv.config_from_args(args, subset)
+    args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array", "--num-tasks", "64"])
+    cfg = conv.config_from_args(args, subset)
+    assert (cfg.task_index, cfg.num_tasks) == (40, 64)
 
 
 @pytest.mark.slow
@@ -265,8 +279,8 @@ def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):
     out = tmp_path / "array"
     base = [sys.executable, script, "--source", str(src), "--out", str(out), "--cells-per-chunk", "3"]
     for task in ("0", "1"):
-        r = subprocess.run(base + ["--array", "--no-progress"], capture_output=True, text=True,
-                           env={**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2"})
+        r = subprocess.run(base + ["--array", "--num-tasks", "2", "--no-progress"], capture_output=True,
+                           text=True, env={**env, "SLURM_ARRAY_TASK_ID": task})
         assert r.returncode == 0, r.stderr
         assert not (out / "manifest.json").exists()
     r = subprocess.run([sys.executable, script, "--out", str(out), "--nodes", "2", "--merge"], env=env,
@@ -279,3 +293,15 @@ def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):
     r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "nothing"), "--merge"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "plan.json not found" in r.stderr
+
+
+def test_an_unreadable_shard_is_listed_in_rejected_and_the_rest_converts(tmp_path_factory, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(parquet_source(tmp_path_factory), src)
+    shard = src / "Core-S2L2A" / "images" / "part_00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    doc = convert(ConvertConfig(source=src, out=tmp_path / "out", progress=False))
+    assert doc["num_cells"] == 4  # cells 0-3, all in the first shard
+    cut = [r for r in doc["rejected"] if "does not open" in r["reason"]]
+    assert {r["grid_cell"] for r in cut} >= {cell_spec(i, SEED).grid_cell for i in range(4, N_CELLS)}
+    assert doc["counts"]["unreadable_at_listing"] == len(cut)

@@ -22,20 +22,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_10M, BANDS_20M, BANDS_60M, CELL_SIZE_PX,
-                                  CLOUD_CLASSES, Cell, CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
+from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_60M, CELL_SIZE_PX, CLOUD_CLASSES, Cell,
+                                  CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
 from phileo.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, ChunkInfo, assign_chunks,
                                   stats_from_histogram)
 from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
@@ -123,7 +122,7 @@ class ConvertConfig:
 
     def content_fingerprint(self) -> dict[str, Any]:
         """The arguments that decide what is written (not how fast or by which task)."""
-        return {"source": str(self.source.resolve()) if self.source else None, "layout": self.layout,
+        return {"source": str(self.source.absolute()) if self.source else None, "layout": self.layout,
                 "use_metadata": self.use_metadata, "bands": list(self.bands), "patch_size": self.patch_size,
                 "max_patch_nodata": self.max_patch_nodata, "max_cell_nodata": self.max_cell_nodata,
                 "max_cloud_cover": self.max_cloud_cover, "limit": self.limit, "sample": self.sample,
@@ -189,7 +188,8 @@ def make_plan(cfg: ConvertConfig) -> Plan:
         pick = np.sort(rng.choice(len(kept), size=cfg.sample, replace=False))
         selected = [kept[i] for i in pick]
     if not selected:
-        raise ValueError(f"no cells to convert in {src.dataset_dir} ({listed} listed): check --source, "
+        why = f"; unreadable: {src.unreadable[0]['reason']}" if src.unreadable else ""
+        raise ValueError(f"no cells to convert in {src.dataset_dir} ({listed} listed{why}): check --source, "
                          f"--layout and --limit/--sample")
     cpc = _resolve_cells_per_chunk(cfg, len(selected))
     chunks = [selected[i:i + cpc] for i in range(0, len(selected), cpc)]
@@ -199,9 +199,10 @@ def make_plan(cfg: ConvertConfig) -> Plan:
     for r in selected:
         digest.update(f"{r.path}\0{r.row_group}\0{r.row}\0{r.grid_cell}\0{r.product_id}\n".encode())
     counts = {"listed": listed, "duplicates": len(dups), "not_present_in_download": src.not_present_cells,
-              "after_dedup": len(kept), "planned": len(selected), "chunks": len(chunks)}
+              "unreadable_at_listing": len(src.unreadable), "after_dedup": len(kept), "planned": len(selected),
+              "chunks": len(chunks)}
     return Plan(digest.hexdigest()[:16], config, cpc, chunks, str(src.dataset_dir), counts, dups,
-                list(src.not_present), [])
+                list(src.not_present), list(src.unreadable))
 
 
 def _write_plan(out: Path, plan: Plan) -> None:
@@ -222,7 +223,7 @@ def _write_plan(out: Path, plan: Plan) -> None:
         "format": FORMAT + "-plan", "schema_version": SCHEMA_VERSION, "fingerprint": plan.fingerprint,
         "config": plan.config, "cells_per_chunk": plan.cells_per_chunk, "dataset_dir": plan.dataset_dir,
         "n_chunks": len(plan.chunks), "counts": plan.counts, "duplicates": plan.duplicates,
-        "not_present_shards": plan.not_present_shards})
+        "not_present_shards": plan.not_present_shards, "unreadable": plan.unreadable})
 
 
 def _read_plan(out: Path) -> Plan | None:
@@ -231,12 +232,17 @@ def _read_plan(out: Path) -> Plan | None:
     if not (out / PLAN_JSON).is_file():
         return None
     doc = read_json(out / PLAN_JSON, what="conversion plan")
-    t = pq.read_table(out / PLAN_CELLS).to_pydict()
+    try:
+        t = pq.read_table(out / PLAN_CELLS).to_pydict()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out / PLAN_CELLS} does not read ({e}) although {out / PLAN_JSON} exists: delete "
+                         f"both and re-run the same command (finished chunks are kept if the plan is the "
+                         f"same)") from None
     chunks: list[list[CellRef]] = [[] for _ in range(int(doc["n_chunks"]))]
     for k, p, rg, r, gc, pid, lay, ts in zip(*(t[c] for c in _PLAN_COLUMNS)):
         chunks[k].append(CellRef(p, rg, r, gc, pid, lay, ts))
     return Plan(doc["fingerprint"], doc["config"], int(doc["cells_per_chunk"]), chunks, doc["dataset_dir"],
-                doc["counts"], doc["duplicates"], doc.get("not_present_shards", []), [])
+                doc["counts"], doc["duplicates"], doc.get("not_present_shards", []), doc.get("unreadable", []))
 
 
 def load_or_make_plan(cfg: ConvertConfig) -> Plan:
@@ -250,8 +256,9 @@ def load_or_make_plan(cfg: ConvertConfig) -> Plan:
         have = dict(existing.config)
         if want["cells_per_chunk"] is None:  # auto: whatever the plan resolved it to
             want["cells_per_chunk"] = have.get("cells_per_chunk")
-        if cfg.source is None:
+        if cfg.source is None:  # resuming from OUT alone: the plan knows the source
             want["source"] = have.get("source")
+            cfg.source = Path(have["source"]) if have.get("source") else None
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             details = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
@@ -421,7 +428,7 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
     meta: dict[str, list] = {k: [] for k in ("grid_cell", "product_id", "timestamp", "crs", "geotransform",
                                              "source", "nodata_fraction", "cloud_fraction", "n_valid_offsets",
                                              "grid_valid")}
-    source = MajorTOMSource(cfg.source, layout=cfg.layout, use_metadata=False)
+    source = MajorTOMSource(cfg.source, layout=refs[0].layout if refs else cfg.layout, use_metadata=False)
     t0 = time.time()
     with atomic_path(final) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -476,12 +483,13 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
             stats.attrs["bands"] = json.dumps(read_bands)
             stats.attrs["sampling"] = (f"every {STATS_ROW_STRIDE_10M}th 10 m row, every {STATS_ROW_STRIDE_20M}th "
                                        f"20 m row, every 60 m row; value 0 (no-data) excluded")
-            report = {"rejected": rejected, "skipped": skipped}
+            # A dataset, not an attribute: a chunk full of rejected cells can outgrow the 64 KiB attribute limit.
+            f.create_dataset("report", data=json.dumps({"rejected": rejected, "skipped": skipped}), dtype=str_dt)
             f.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "chunk_index": index,
                             "plan_fingerprint": fingerprint, "bands_10m": json.dumps(stored[10]),
                             "bands_20m": json.dumps(stored[20]), "bands_60m": json.dumps(stored[60]),
                             "patch_size": p, "max_patch_nodata": cfg.max_patch_nodata,
-                            "compression": cfg.compression, "report": json.dumps(report)})
+                            "compression": cfg.compression})
         checksum = _sha256(tmp)
         size = tmp.stat().st_size
     entry = {"index": index, "path": f"chunks/{chunk_name(index)}", "n_cells": n, "planned": n_plan,
@@ -503,8 +511,10 @@ def _write_cell(cell: Cell, blocks: dict[int, np.ndarray], n: int, stored: dict[
     nodata_px = int(count.sum(dtype=np.int64)) if count is not None else 0
     nodata_fraction = nodata_px / (n10 * n10)
     mask = cell.cloud_mask
-    classes = np.bincount(mask.ravel(), minlength=4)
-    cloud_fraction = classes[:4] / mask.size
+    # Class counts by comparison: bincount would first widen the 1.1 M uint8 pixels to int64.
+    classes = np.array([0] + [np.count_nonzero(mask == k) for k in (1, 2, 3)], dtype=np.int64)
+    classes[0] = np.count_nonzero(mask == 0)
+    cloud_fraction = classes / mask.size
     if nodata_fraction > cfg.max_cell_nodata:
         return f"no-data fraction {nodata_fraction:.3f} > max_cell_nodata {cfg.max_cell_nodata}"
     if cfg.max_cloud_cover < 100.0:
@@ -587,7 +597,7 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
         with h5py.File(h5, "r") as f:
             if f.attrs.get("plan_fingerprint") != fingerprint or int(f.attrs["chunk_index"]) != index:
                 return None
-            report = json.loads(f.attrs["report"])
+            report = json.loads(f["report"].asstr()[()])
             n = int(f["bands_10m"].shape[0])
             n_grid = int(np.count_nonzero(f["cells/grid_valid"][...]))
     except (OSError, KeyError):
@@ -702,8 +712,13 @@ def _run_pool(jobs, workers: int, bar) -> dict[int, dict[str, Any]]:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(q,)) as pool:
             futures = {pool.submit(_worker_convert, job): job[0] for job in jobs}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
+            try:
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+            except BaseException:
+                # Let the chunks in flight finish (a re-run reuses them), start no new ones, then re-raise.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         stop.set()
         pumper.join(timeout=2)
@@ -764,8 +779,8 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
             hints.append(f"with --num-tasks {t}: task(s) {_ranges(todo)} (have {_ranges(sorted(have)) or 'none'})")
         raise ValueError(f"cannot merge {out}: {len(missing)} of {len(plan.chunks)} chunks are not finished "
                          f"({_ranges(missing)}). Re-run the missing array tasks ({'; '.join(hints)}), e.g. "
-                         f"sbatch --array=<those task ids> …, or re-run the same command without --array "
-                         f"to finish them locally; then --merge again")
+                         f"sbatch --array=<those task ids> … --array --num-tasks <N>, or re-run the same "
+                         f"command without --array to finish them locally; then --merge again")
     ordered = [entries[i] for i in range(len(plan.chunks))]
     for e in ordered:
         f = out / e["path"]
@@ -781,7 +796,7 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     for c in chunk_infos:
         with h5py.File(out / c.path, "r") as f:
             hist += f["stats/band_histogram"][...].astype(np.uint64)
-    rejected = [r for e in ordered for r in e["rejected"]]
+    rejected = list(plan.unreadable) + [r for e in ordered for r in e["rejected"]]
     skipped = [r for e in ordered for r in e["skipped"]]
     n_cells = sum(c.n_cells for c in chunk_infos)
     if not chunk_infos:
@@ -795,7 +810,7 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     doc = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "plan_fingerprint": plan.fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"dataset_dir": plan.dataset_dir, "layout": ordered and _layout_of(plan)},
+        "source": {"dataset_dir": plan.dataset_dir, "layout": _layout_of(plan)},
         "config": cfg,
         "bands": bands, "bands_10m": stored[10], "bands_20m": stored[20], "bands_60m": stored[60],
         "cell_size_px": {"10m": CELL_SIZE_PX[10], "20m": CELL_SIZE_PX[20], "60m": CELL_SIZE_PX[60]},
@@ -874,7 +889,9 @@ def build_parser():
     p.add_argument("--out", type=Path, required=True, help="output folder (chunks/, manifest.json)")
     p.add_argument("--nodes", type=int, default=1, help="training nodes the manifest's assignment is made for "
                    "(any other count up to the number of chunks works at training time)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (each decodes on 2 threads)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes; each decodes on one thread while it writes on another, so about "
+                        "two thirds of the cores is a good number")
     g = p.add_argument_group("input")
     g.add_argument("--layout", choices=["parquet", "tree"], default=None, help="force a layout (default: detect)")
     g.add_argument("--no-metadata", action="store_true",
@@ -901,8 +918,9 @@ def build_parser():
                    help="lossless HDF5 filter (lz4/zstd: Blosc via hdf5plugin; readers need hdf5plugin)")
     g = p.add_argument_group("SLURM array / steps")
     g.add_argument("--array", action="store_true",
-                   help="be one task of a job array: --task-index/--num-tasks from SLURM_ARRAY_TASK_ID "
-                        "(minus SLURM_ARRAY_TASK_MIN) and SLURM_ARRAY_TASK_COUNT; writes a part manifest only")
+                   help="be one task of a job array, index from SLURM_ARRAY_TASK_ID; with --num-tasks N the id "
+                        "is the index (so failed ids can be re-submitted alone), without it the array must be "
+                        "one contiguous range and its size is N; writes a part manifest only")
     g.add_argument("--task-index", type=int, default=None, help="this task's index (0-based)")
     g.add_argument("--num-tasks", type=int, default=None, help="number of tasks the chunks are split among")
     g.add_argument("--merge", action="store_true", help="merge the finished tasks' parts into OUT/manifest.json")
@@ -914,20 +932,31 @@ def build_parser():
     return p
 
 
-def _array_env(environ: dict[str, str]) -> tuple[int, int]:
+def _array_env(environ: dict[str, str], num_tasks: int | None) -> tuple[int, int]:
+    """(task_index, num_tasks) of this SLURM array task.
+
+    With num_tasks given, the array task id is the task index itself, so a subset can be re-submitted
+    (sbatch --array=17,40 … --array --num-tasks 64). Without it, the array must be one contiguous range
+    (--array=0-63 or 1-64) and its size is the number of tasks.
+    """
     try:
         task_id = int(environ["SLURM_ARRAY_TASK_ID"])
-        count = int(environ["SLURM_ARRAY_TASK_COUNT"])
     except KeyError:
-        raise ValueError("--array needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it inside "
-                         "sbatch --array=0-N); outside SLURM give --task-index and --num-tasks") from None
-    first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        raise ValueError("--array needs SLURM_ARRAY_TASK_ID (run it inside sbatch --array=0-N); outside SLURM "
+                         "give --task-index and --num-tasks") from None
+    if num_tasks is not None:
+        if not 0 <= task_id < num_tasks:
+            raise ValueError(f"SLURM_ARRAY_TASK_ID={task_id} is not a task index for --num-tasks {num_tasks}: "
+                             f"submit with --array=0-{num_tasks - 1} (or a subset of those ids)")
+        return task_id, num_tasks
+    first = int(environ.get("SLURM_ARRAY_TASK_MIN", task_id))
+    last = int(environ.get("SLURM_ARRAY_TASK_MAX", task_id))
+    count = int(environ.get("SLURM_ARRAY_TASK_COUNT", last - first + 1))
     step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-    index = (task_id - first) // max(step, 1)
-    if not 0 <= index < count:
-        raise ValueError(f"SLURM_ARRAY_TASK_ID={task_id} is not one of the {count} tasks starting at {first}: "
-                         f"submit the array as --array=0-{count - 1}")
-    return index, count
+    if step != 1 or count != last - first + 1:
+        raise ValueError(f"this array (ids {first}-{last}, {count} tasks) is not one contiguous range, so its "
+                         f"size is not the number of tasks: add --num-tasks N (the total of the full array)")
+    return task_id - first, count
 
 
 def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConfig:
@@ -935,9 +964,9 @@ def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConf
     environ = dict(os.environ if environ is None else environ)
     task_index, num_tasks = args.task_index, args.num_tasks
     if args.array:
-        if task_index is not None or num_tasks is not None:
-            raise ValueError("give either --array (from SLURM) or --task-index/--num-tasks, not both")
-        task_index, num_tasks = _array_env(environ)
+        if task_index is not None:
+            raise ValueError("give either --array (index from SLURM) or --task-index, not both")
+        task_index, num_tasks = _array_env(environ, num_tasks)
     elif (task_index is None) != (num_tasks is None):
         raise ValueError("--task-index and --num-tasks go together")
     bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())

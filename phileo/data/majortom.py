@@ -232,7 +232,9 @@ class MajorTOMSource:
     def __init__(self, root: str | os.PathLike, layout: str | None = None, use_metadata: bool | None = None):
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.root = Path(root)
+        # Absolute (not resolved: symlinked scratch paths stay as the user wrote them), so a plan made in one
+        # working directory is valid for array tasks started from another.
+        self.root = Path(root).absolute()
         self.dataset_dir, self.layout = _find_dataset_dir(self.root, layout)
         self.metadata_path = self.dataset_dir / "metadata.parquet"
         if use_metadata and not self.metadata_path.is_file():
@@ -244,6 +246,8 @@ class MajorTOMSource:
         # rejected one by one, since a subset download is normal.
         self.not_present: list[str] = []
         self.not_present_cells = 0
+        # Shards that do not open (e.g. a download cut short): reported like rejected cells, never fatal.
+        self.unreadable: list[dict[str, str | None]] = []
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -272,13 +276,28 @@ class MajorTOMSource:
             loc.extend((rg, r) for r in range(pf.metadata.row_group(rg).num_rows))
         return loc
 
-    def _list_parquet_scan(self) -> list[CellRef]:
-        refs = []
-        for shard in self.shard_paths():
+    def _open_for_listing(self, shard: Path, cells=lambda: [(None, None)]):
+        """The shard's ParquetFile, or None after recording why it cannot be read (for each cell that
+        `cells()` lists in it; computed only on failure)."""
+        try:
             pf = self._shard(shard)
             missing = [c for c in ("grid_cell", "product_id") if c not in pf.schema_arrow.names]
             if missing:
-                raise ValueError(f"{shard} lacks column(s) {missing}: not a MajorTOM Core-S2L2A shard")
+                raise ValueError(f"lacks column(s) {missing}: not a MajorTOM Core-S2L2A shard")
+            return pf
+        except Exception as e:
+            reason = f"shard {shard.name} does not open ({type(e).__name__}: {str(e)[:200]}); re-download it"
+            for gc, pid in cells():
+                self.unreadable.append({"grid_cell": gc, "product_id": pid,
+                                        "source": str(shard.relative_to(self.dataset_dir)), "reason": reason})
+            return None
+
+    def _list_parquet_scan(self) -> list[CellRef]:
+        refs = []
+        for shard in self.shard_paths():
+            pf = self._open_for_listing(shard)
+            if pf is None:
+                continue
             t = pf.read(columns=["grid_cell", "product_id"])
             loc = self._row_locator(pf)
             for (rg, r), gc, pid in zip(loc, t.column("grid_cell").to_pylist(), t.column("product_id").to_pylist()):
@@ -299,18 +318,23 @@ class MajorTOMSource:
     def _list_parquet_metadata(self) -> list[CellRef]:
         meta = self._read_metadata(["grid_cell", "product_id", "timestamp", "parquet_url", "parquet_row"])
         present = {p.name: p for p in self.shard_paths()}
-        locators: dict[str, list[tuple[int, int]]] = {}
+        locators: dict[str, list[tuple[int, int]] | None] = {}
+        rows = list(zip(meta["grid_cell"], meta["product_id"], meta["timestamp"], meta["parquet_url"],
+                        meta["parquet_row"]))
+        shard_of = [str(url).rstrip("/").rsplit("/", 1)[-1] for _, _, _, url, _ in rows]
         refs, absent = [], set()
-        for gc, pid, ts, url, row in zip(meta["grid_cell"], meta["product_id"], meta["timestamp"],
-                                         meta["parquet_url"], meta["parquet_row"]):
-            name = str(url).rstrip("/").rsplit("/", 1)[-1]
+        for (gc, pid, ts, url, row), name in zip(rows, shard_of):
             if name not in present:
                 absent.add(name)
                 self.not_present_cells += 1
                 continue
             if name not in locators:
-                locators[name] = self._row_locator(self._shard(present[name]))
+                pf = self._open_for_listing(present[name], lambda name=name: [
+                    (str(r[0]), str(r[1])) for r, n in zip(rows, shard_of) if n == name])
+                locators[name] = self._row_locator(pf) if pf is not None else None
             loc = locators[name]
+            if loc is None:
+                continue
             if not 0 <= int(row) < len(loc):
                 raise ValueError(f"{self.metadata_path} places {gc}/{pid} at row {row} of {name}, which has "
                                  f"{len(loc)} rows: the metadata does not belong to these shards; run with "

@@ -108,7 +108,7 @@ class PretrainDataset(_Base):
         self.max_open_files = max_open_files or max(4, min(len(self.chunks), (soft if soft > 0 else 1024) // 4))
 
         # Per-cell metadata of this node, in compact arrays (cheap to copy into DataLoader workers).
-        chunk_of, row_of, gt, nodata, nvalid, grid = [], [], [], [], [], []
+        chunk_of, row_of, gt, nodata, grid = [], [], [], [], []
         grid_cells, product_ids, crs_idx = [], [], []
         self._crs_table: list[str] = []
         crs_lookup: dict[str, int] = {}
@@ -129,12 +129,9 @@ class PretrainDataset(_Base):
                 for s in cells["crs"][...]:
                     s = s.decode() if isinstance(s, bytes) else s
                     crs_idx.append(crs_lookup.setdefault(s, len(crs_lookup)))
-                if same_patch:
-                    nvalid.append(cells["n_valid_offsets"][...])
-                    grid.append(cells["grid_valid"][...].astype(bool))
-                else:
-                    nvalid.append(np.full(n, -1, np.int64))  # computed when first needed
-                    grid.append(self._grid_from_counts(f, nodata[-1]))
+                # Valid grid patches: precomputed by the converter for its patch size, else derived here.
+                grid.append(cells["grid_valid"][...].astype(bool) if same_patch
+                            else self._grid_from_counts(f, nodata[-1]))
         self._crs_table = [s for s, _ in sorted(crs_lookup.items(), key=lambda kv: kv[1])]
         self._chunk_of = np.concatenate(chunk_of) if chunk_of else np.zeros(0, np.int32)
         self._row_of = np.concatenate(row_of) if row_of else np.zeros(0, np.int32)
@@ -159,6 +156,7 @@ class PretrainDataset(_Base):
             cell, gi, gj = np.nonzero(grid_all)
             self._items = np.stack([cell, g[gi], g[gj]], axis=1).astype(np.int64) if cell.size else \
                 np.zeros((0, 3), np.int64)
+        self.close()  # hold no file handle until the first item is read (in whichever process reads it)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:

@@ -227,3 +227,15 @@ def test_full_test_set(data):
     splits = bench.nshot_datasets(data, "building", 2, seed=2)
     assert len(splits.train) == 12 and len(splits.val) == 6 and len(splits.test) == 56
     assert splits.index_sha256 == bench.file_sha256(splits.index_path) and len(splits.index_sha256) == 64
+
+
+def test_cli_draws_indices_ahead_and_scans(data, tmp_path, capsys):
+    assert bench.main(["nshot", str(data), "--tasks", "lc", "--n-shots", "2", "3", "--index-dir",
+                       str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nshot_lc_n2_seed97.json", "nshot_lc_n3_seed97.json"]
+    # What the CLI drew is what a run later loads.
+    path, doc = load_or_create_nshot_index(data, "lc", 2, index_dir=tmp_path)
+    assert doc == select_nshot(data, "lc", 2)
+    assert bench.main(["scan", str(data)]) == 0
+    assert "roads     train    12 files       96 patches  (2 skipped" in capsys.readouterr().out
+    assert bench.main(["scan", str(tmp_path / "missing")]) == 2

@@ -97,6 +97,13 @@ def test_each_task_trains_and_reports_best_weights_on_the_whole_test_set(data, t
         assert result["test"]["rmse"] == pytest.approx(result["test"]["mse"] ** 0.5)
         assert result["test_skipped_files"] == ([{"file": "japan_0_test_s2.npy", "reason":
                                                   "no japan_0_test_label_roads.npy"}] if task == "roads" else [])
+    # metrics.jsonl (TensorBoard's twin) carries the validation curve and the test metrics.
+    from phileo.train.metrics import read_metrics
+    logged = read_metrics(tmp_path / "run")
+    assert [s for s, m in sorted(logged.items()) if "val/loss" in m] == [e * result["steps_per_epoch"]
+                                                                        for e in (1, 2, 3)]
+    headline = "test/overall_accuracy" if task == "lc" else "test/rmse"
+    assert logged[result["steps"]][headline] == pytest.approx(result["test"][headline[5:]])
     # Learning happened: the validation loss fell from the first epoch to the best.
     assert result["best_val_loss"] < hist[0][1]
     # Done is done: a second call returns the stored result without training again.
@@ -107,12 +114,20 @@ def test_each_task_trains_and_reports_best_weights_on_the_whole_test_set(data, t
 def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
     # min_delta so large that nothing after the first validation counts as better: stop after `patience` epochs.
     out = run_finetuning(_cfg(data, tmp_path / "run", **{"finetune.max_epochs": 20, "finetune.patience_epochs": 2,
-                                                         "finetune.min_delta": 1e9}))
+                                                         "finetune.min_delta": 1e9, "run.tensorboard": True,
+                                                         "run.log_every_steps": 1}))
     r = out.result
     assert r["stopped_early"] is True and r["epochs_run"] == 3 and r["best_epoch"] == 1
     assert r["best_val_loss"] == r["val_history"][0][1]
     best = torch.load(tmp_path / "run" / "best_model.pt", weights_only=False)
     assert best["step"] == r["steps_per_epoch"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"loss/total", "lr", "val/loss", "test/rmse", "test/f1"} <= tags
+    assert [e.step for e in ev.Scalars("test/rmse")] == [r["steps"]]
+    assert ev.Scalars("test/rmse")[0].value == pytest.approx(r["test"]["rmse"], rel=1e-6)
 
 
 def test_a_stopped_run_resumes_to_the_same_result(data, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from phileo.train import sweep as sw
-from phileo.train.results import collect_results, markdown_report, write_outputs
+from phileo.train.results import collect_results, write_outputs
 from phileo.train.sweep import (EXIT_PREEMPTED, SweepError, array_range, expand_sweep, format_array_spec,
                                 pending_indices, run_sweep_task, task_dir, task_finished)
 

@@ -494,6 +494,46 @@ class BenchSplits:
     index: dict[str, Any]
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m phileo.data.bench {scan,nshot} ROOT ...: what is in a bench folder; draw n-shot indices ahead."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m phileo.data.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_scan = sub.add_parser("scan", help="count files and patches per task and split, list what is skipped")
+    p_scan.add_argument("root", type=Path)
+    p_nshot = sub.add_parser("nshot", help="draw and save the n-shot indices (once, before a sweep starts)")
+    p_nshot.add_argument("root", type=Path)
+    p_nshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p_nshot.add_argument("--n-shots", nargs="+", type=int, default=[50, 100, 500, 1000, 5000])
+    p_nshot.add_argument("--seed", type=int, default=DEFAULT_NSHOT_SEED)
+    p_nshot.add_argument("--val-ratio", type=float, default=VAL_RATIO)
+    p_nshot.add_argument("--index-dir", type=Path, default=None, help="default: ROOT/nshot_indices")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "scan":
+            for task in TASKS:
+                for split in SPLITS:
+                    scan = scan_bench_files(args.root, task, split)
+                    print(f"{task:9s} {split:5s} {len(scan.files):5d} files {scan.n_patches:8d} patches"
+                          + (f"  ({len(scan.skipped)} skipped: {scan.skipped[0]['reason']} ...)" if scan.skipped
+                             else ""))
+        else:
+            for task in args.tasks:
+                for n in args.n_shots:
+                    path, doc = load_or_create_nshot_index(args.root, task, n, args.seed, args.val_ratio,
+                                                           args.index_dir)
+                    short = {b: e["train"]["selected"] for b, e in doc["buckets"].items()
+                             if "train" in e and e["train"]["selected"] < n}
+                    print(f"{path}: {len(doc['train'])} train, {len(doc['val'])} val"
+                          + (f"; buckets with fewer than {n}: {short}" if short else ""))
+    except BenchDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 __all__ = [
     "BANDS", "TASKS", "REGRESSION_TASKS", "REGIONS", "REGION_BUCKETS", "WORLDCOVER_CODES", "WORLDCOVER_NAMES",
     "NUM_LC_CLASSES", "IGNORE_INDEX", "BAND_MEAN", "BAND_STD", "NORMALISATIONS", "DEFAULT_NSHOT_SEED",
@@ -501,3 +541,6 @@ __all__ = [
     "scan_bench_files", "select_nshot", "load_or_create_nshot_index", "nshot_index_path", "nshot_datasets",
     "file_sha256", "normalise", "parse_s2_name", "label_name",
 ]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

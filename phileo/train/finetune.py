@@ -42,11 +42,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from phileo.config import ConfigError, apply_overrides, load_config, to_dict, validate
 from phileo.data.bench import (IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, BenchSplits, nshot_datasets)
-from phileo.fsutil import atomic_write_json, read_json
+from phileo.fsutil import atomic_write_json, make_group_readable, read_json
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
 from phileo.train.bench_metrics import RegressionMetrics, SegmentationMetrics
-from phileo.train.engine import StepContext, Task, Trainer, TrainResult
+from phileo.train.engine import Task, Trainer, TrainResult
 from phileo.train.finetune_config import FinetuneConfig
 from phileo.train.signals import StopFlag, ignore_signals
 
@@ -392,16 +392,28 @@ def _write_result(cfg: FinetuneConfig, run_dir: Path, task: BenchTask, splits: B
                   metrics: dict[str, Any], train_result: TrainResult, info: dist.DistInfo, model: nn.Module,
                   wall_time_s: float) -> dict[str, Any]:
     from phileo.models import save_published
-    from phileo.train.metrics import MetricsWriter
+    from phileo.train.metrics import MetricsWriter, read_metrics
 
     done = ckpt_io.read_done(run_dir) or {}
     final_step = int(done.get("step", train_result.step))
     save_published(model, run_dir / BEST_MODEL_FILE, step=task.best_step, val_loss=task.best_val_loss,
                    config=to_dict(cfg))
-    writer = MetricsWriter(run_dir, True, cfg.run.tensorboard, final_step)
-    writer.scalars(final_step, {f"test/{k}": v for k, v in metrics.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    writer.close()
+    test_scalars = {f"test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
+                    and not isinstance(v, bool)}
+    # metrics.jsonl keeps the later line of a step logged twice: repeat that step's training scalars with the
+    # test ones so nothing is shadowed. TensorBoard gets only the new tags.
+    earlier = {k: v for k, v in read_metrics(run_dir).get(final_step, {}).items() if k != "time"}
+    jsonl = MetricsWriter(run_dir, True, tensorboard=False)
+    jsonl.scalars(final_step, {**earlier, **test_scalars})
+    jsonl.close()
+    if cfg.run.tensorboard:  # only the new tags: the step's training scalars are already in the event files
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / "tensorboard")) as tb:
+            for k, v in test_scalars.items():
+                tb.add_scalar(k, float(v), final_step)
+        for f in (run_dir / "tensorboard").iterdir():
+            make_group_readable(f)
     best = task.best_val_loss if math.isfinite(task.best_val_loss) else None
     result = {
         "status": "completed",

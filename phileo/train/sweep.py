@@ -6,7 +6,7 @@ A sweep file (YAML, e.g. slurm/sweeps/phileo_bench.yaml):
     max_parallel: 32            # optional: at most this many array tasks run at once (the %K of --array)
     base:                       # FinetuneConfig overrides shared by every task (dotted keys)
       data.root: ${PHILEO_BENCH_DATA}
-      train.max_epochs: 250
+      finetune.max_epochs: 250
     models:                     # one entry per model variant: a label and its overrides (or just a preset name)
       - {label: cnn44m_scratch, model.name: phileo_cnn_44m, model.init: scratch}
       - {label: cnn44m_published, model.name: phileo_cnn_44m, model.init: ${PHILEO_WEIGHTS}/phileo_cnn_44m.pt}
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import itertools
+import json
 import os
 import re
 import socket
@@ -157,7 +158,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise SweepError(f"{path}: unknown key(s) {unknown}; a sweep file has {', '.join(SWEEP_KEYS)}")
     base = doc.get("base") or {}
     if not isinstance(base, dict):
-        raise SweepError(f"{path}: 'base' must be a mapping of config keys to values (e.g. train.max_epochs: 250)")
+        raise SweepError(f"{path}: 'base' must be a mapping of config keys to values (e.g. finetune.max_epochs: 250)")
     models = [_model_entry(m, path) for m in (doc.get("models") or [])]
     if not models:
         raise SweepError(f"{path}: 'models' is missing or empty: list at least one model")
@@ -285,7 +286,6 @@ def write_sweep_snapshot(sweep_path: str | os.PathLike, out_dir: str | os.PathLi
     specs = specs if specs is not None else expand_sweep(sweep_path)
     snap = _snapshot(sweep_path, specs)
     # Compare through JSON so tuples/lists and int/float spellings match what is on disk.
-    import json
     wanted = json.loads(json.dumps(snap["tasks"], default=str))
     existing = out / "sweep.json"
     if existing.exists():
@@ -381,7 +381,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
     status = result.status
     if status == "failed":
         if rank0:
-            _write_failure(run_dir, spec, RuntimeError(f"fine-tuning reported failure: {result}"))
+            _write_failure(run_dir, spec, RuntimeError(f"fine-tuning failed: {getattr(result, 'message', '')}"))
         raise RuntimeError(f"sweep task {index} ({spec.name}) failed; see {run_dir / FAILED_FILE}")
     payload = read_json(run_dir / RESULT_FILE, "task result") if status == "completed" else None
     return TaskOutcome(int(index), status, run_dir, payload)

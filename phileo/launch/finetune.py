@@ -1,0 +1,299 @@
+"""`jobs/launch_finetune.py` (one fine-tuning run) and `jobs/launch_sweep.py SWEEP.yaml` (a sweep as a job array).
+
+    python jobs/launch_finetune.py --site leonardo --account P --model phileo_cnn_44m --task roads --n-shot 100 \
+        --data $WORK/phileo_bench --init $WORK/weights/phileo_cnn_44m.pt
+    python jobs/launch_sweep.py slurm/sweeps/phileo_bench.yaml --site leonardo --account P --out SWEEP_DIR
+
+A sweep goes in as ONE job array (`--array=0-(N-1)%K`) of `SweepTaskJob`s, each carrying its index in the
+expanded grid, so a resubmission of only the unfinished tasks, or a sweep split into several arrays because it
+is larger than the site's MaxArraySize, still runs the right tasks. Split arrays run one after the other
+(`afterany`), so at most K tasks run at once overall. Both requeue themselves at the time limit like pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from phileo.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from phileo.launch import cli
+from phileo.launch.arrays import site_max_array_size, split_for_arrays
+from phileo.launch.jobs import FinetuneJob, SweepTaskJob
+from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir, preflight
+from phileo.launch.pretrain import _deep_merge, wait_and_report
+from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
+                                  resolve_cluster, submit, submit_array, update_launch_record, wait_for)
+
+FINETUNE_FLAG_KEYS = {
+    "model": "model.name",
+    "init": "model.init",
+    "task": "data.task",
+    "n_shot": "data.n_shot",
+    "data": "data.root",
+    "batch_size": "data.batch_size",
+    "seed": "train.seed",
+    "lr": "optim.lr",
+}
+
+
+def _finetune_config_class():
+    from phileo.train.finetune_config import FinetuneConfig
+
+    return FinetuneConfig
+
+
+# ------------------------------------------------------------------------------------------ one fine-tuning run
+def build_finetune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch_finetune.py",
+                                description="Submit one PhilEO Bench fine-tuning run (requeues itself at the "
+                                            "time limit).",
+                                epilog="Any other config key: key=value (e.g. train.max_epochs=50).")
+    cli.add_site_args(p)
+    cli.add_resource_args(p)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--model", default=None, help="model.name, e.g. phileo_cnn_44m")
+    g.add_argument("--init", default=None, help="model.init: scratch, a checkpoint file or a pretraining run folder")
+    g.add_argument("--task", default=None, help="data.task: roads, building or lc")
+    g.add_argument("--n-shot", type=int, default=None, help="data.n_shot")
+    g.add_argument("--data", default=None, help="data.root: the PhilEO Bench folder")
+    g.add_argument("--batch-size", type=int, default=None, help="data.batch_size (per process)")
+    g.add_argument("--lr", type=float, default=None, help="optim.lr")
+    g.add_argument("--seed", type=int, default=None, help="train.seed")
+    g.add_argument("--run-dir", default=None, help="run folder (default: <site run_root>/<job name>-<time>)")
+    g.add_argument("--config", default=None, help="base config YAML (below the flags and overrides)")
+    cli.add_run_args(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def build_finetune_config(args: argparse.Namespace, run_dir: Path) -> Any:
+    cls = _finetune_config_class()
+    data = to_dict(cls())
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {args.config}") from None
+        data = _deep_merge(data, loaded)
+    cfg = from_dict(cls, data)
+    flags = {k: getattr(args, f) for f, k in FINETUNE_FLAG_KEYS.items() if getattr(args, f) is not None}
+    if "data.root" in flags:
+        flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
+    flags["run.dir"] = str(run_dir)
+    return apply_overrides(apply_overrides(cfg, flags), list(args.overrides))
+
+
+def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code: 0 submitted (with --wait: completed), 1 the run ended without completing, 2 refused."""
+    args = build_finetune_parser().parse_args(argv)
+    try:
+        site = cli.pick_site(args.site)
+        cluster = resolve_cluster(args.cluster)
+        if args.gpus_per_node is None:
+            args.gpus_per_node = 1  # one fine-tuning run needs one GPU
+        res = cli.resources_from_args(site, args, default_job_name="phileo-finetune")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = (Path(args.run_dir).expanduser().absolute() if args.run_dir
+                   else site.resolve_run_root() / f"{res.job_name}-{stamp}")
+        cfg = build_finetune_config(args, run_dir)
+    except ConfigError as e:
+        return cli.refuse(str(e))
+    report = preflight(site, res, run_dir=run_dir, fresh_run=False)
+    if cluster == "local":
+        report.problems += check_local_request(res)
+    plan = make_plan(cluster, site, res, run_dir / "logs")
+    if args.dry_run:
+        print(f"# ---- batch script ({cluster}, site {site.name}) ----")
+        print(plan.script(), end="")
+        print(f"# ---- resolved config (would be written to {run_dir / 'config.yaml'}) ----")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print("# ---- preflight ----")
+        cli.print_report(report)
+        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
+    cli.print_report(report, file=sys.stderr)
+    if not report.ok:
+        return cli.EXIT_REFUSED
+    prepare_run_dir(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    job = submit(plan, FinetuneJob(to_dict(cfg), max_requeues=res.max_requeues))
+    update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
+                         argv=list(sys.argv), job_ids=[job.job_id])
+    print(f"submitted {cluster} job {job.job_id} ({res.describe_cost()})")
+    print(f"run folder:  {run_dir}")
+    print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")
+    return wait_and_report(job, run_dir, args.wait_timeout_s) if args.wait else cli.EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------- sweeps
+def build_sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch_sweep.py",
+                                description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
+                                            "split only where the site's MaxArraySize demands it.")
+    p.add_argument("sweep", help="sweep file (see phileo.train.sweep), e.g. slurm/sweeps/phileo_bench.yaml")
+    cli.add_site_args(p)
+    cli.add_resource_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--out", default=None, help="sweep folder (default: <site run_root>/sweeps/<sweep name>)")
+    g.add_argument("--parallel", type=int, default=None,
+                   help="at most this many tasks at once, the %%K of --array (default: the sweep's max_parallel)")
+    g.add_argument("--indices", default=None,
+                   help="only these task indices, e.g. '17' or '0-9,17' (re-run a failed task alone)")
+    g.add_argument("--all", action="store_true", help="also submit tasks that already finished (they exit at once)")
+    g.add_argument("--max-array-size", type=int, default=None, help="override the site's MaxArraySize")
+    cli.add_run_args(p)
+    return p
+
+
+def parse_indices(text: str) -> list[int]:
+    """'0-9,17' -> [0..9, 17]. Refuses anything else."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError(f"--indices {text!r}: use numbers and ranges such as 0-9,17")
+        out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    return sorted(set(out))
+
+
+def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code: 0 submitted (with --wait: every task finished), 1 some task failed, 2 refused."""
+    args = build_sweep_parser().parse_args(argv)
+    try:
+        return _launch_sweep(args)
+    except ConfigError as e:
+        return cli.refuse(str(e))
+
+
+def _launch_sweep(args: argparse.Namespace) -> int:
+    from phileo.train.sweep import SweepError, expand_sweep, load_sweep, task_finished
+
+    sweep_path = Path(args.sweep).absolute()
+    try:
+        sweep = load_sweep(sweep_path)
+        specs = expand_sweep(sweep_path)
+    except SweepError as e:
+        return cli.refuse(str(e))
+    site = cli.pick_site(args.site)
+    cluster = resolve_cluster(args.cluster)
+    if args.gpus_per_node is None:
+        args.gpus_per_node = 1  # one fine-tuning run per array task, on one GPU
+    res = cli.resources_from_args(site, args, default_job_name=f"sweep-{sweep.name}")
+    out = Path(args.out).expanduser().absolute() if args.out else site.resolve_run_root() / "sweeps" / sweep.name
+    indices = parse_indices(args.indices) if args.indices else [s.index for s in specs]
+    outside = [i for i in indices if i >= len(specs)]
+    if outside:
+        return cli.refuse(f"--indices {outside} are outside the sweep's {len(specs)} tasks (0-{len(specs) - 1})")
+    finished = [i for i in indices if task_finished(out, i)]
+    if not args.all:
+        indices = [i for i in indices if i not in finished]
+    if not indices:
+        print(f"every selected task of {sweep_path.name} has finished in {out}; nothing to submit "
+              f"(--all to run them again)")
+        return cli.EXIT_OK
+    parallel = args.parallel or sweep.max_parallel or len(indices)
+    max_array = args.max_array_size or site_max_array_size(site, ask_slurm=cluster == "slurm")
+    groups = split_for_arrays(indices, max_array)
+
+    report = PreflightReport()
+    report.problems += check_limits(site, res)
+    report.problems += check_run_dir(out, fresh=False)
+    if cluster == "local":
+        report.problems += check_local_request(res)
+    report.notes.append(f"{len(indices)} task(s) of {len(specs)} ({len(finished)} already finished"
+                        f"{', skipped' if not args.all else ''}) as {len(groups)} array(s) of at most {max_array} "
+                        f"(MaxArraySize), at most {parallel} at once")
+    total = (f"{res.gpu_hours * len(indices):g} GPU-hours" if res.gpus_per_node
+             else f"{res.node_hours * len(indices):g} node-hours")
+    report.notes.append(f"each task asks for {res.describe_cost()}; all together at most {total}")
+    logs = out / "logs"
+    if args.dry_run:
+        plan = make_plan(cluster, site, res, logs, array_parallelism=parallel)
+        for k, group in enumerate(groups):
+            print(f"# ---- array {k + 1}/{len(groups)}: sweep tasks {_ranges(group)} ----")
+            if k == 0:
+                print(plan.script(map_count=len(group) if cluster == "slurm" else None), end="")
+            else:
+                print(f"# (the same script with --array=0-{len(group) - 1}%{min(parallel, len(group))} and "
+                      f"--dependency=afterany:<array {k}>)")
+        print("# ---- preflight ----")
+        cli.print_report(report)
+        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
+    cli.print_report(report, file=sys.stderr)
+    if not report.ok:
+        return cli.EXIT_REFUSED
+
+    out.mkdir(parents=True, exist_ok=True)
+    all_jobs: list[Any] = []
+    array_ids: list[str] = []
+    previous: Optional[str] = None
+    for group in groups:
+        plan = make_plan(cluster, site, res, logs, array_parallelism=parallel,
+                         dependency=f"afterany:{previous}" if previous else None)
+        fns = [SweepTaskJob(str(sweep_path), i, str(out), max_requeues=res.max_requeues) for i in group]
+        if cluster == "local":
+            jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
+        else:
+            jobs = submit_array(plan, fns)
+        array_id = base_job_id(jobs[0].job_id)
+        array_ids.append(array_id)
+        previous = array_id
+        all_jobs += jobs
+    update_launch_record(out, kind="sweep", sweep=str(sweep_path), site=site.name, cluster=cluster,
+                         resources=res.to_dict(), argv=list(sys.argv), job_ids=array_ids,
+                         arrays=[{"job_id": a, "tasks": g} for a, g in zip(array_ids, groups)])
+    print(f"submitted {len(indices)} sweep task(s) as {cluster} array job(s) {', '.join(array_ids)}")
+    print(f"sweep folder: {out}  (task i in {out}/tasks/<i, 5 digits>; logs in {logs})")
+    print(f"results:      python jobs/collect_results.py {out}")
+    if not (args.wait or cluster == "local"):
+        return cli.EXIT_OK
+    return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s)
+
+
+def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float]) -> list[Any]:
+    """Local stand-in for an array: `parallel` task groups at a time."""
+    jobs: list[Any] = []
+    for k in range(0, len(fns), parallel):
+        batch = [submit(plan, f) for f in fns[k:k + parallel]]
+        wait_for(batch, timeout_s=timeout_s, poll_s=1.0)
+        jobs += batch
+    return jobs
+
+
+def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float]) -> int:
+    try:
+        wait_for(jobs, timeout_s=timeout_s)
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_JOB_FAILED
+    counts: dict[str, int] = {}
+    failed: list[int] = []
+    for job, index in zip(jobs, indices):
+        outcome = read_task_result(job)
+        status = (getattr(outcome[1], "status", "?") if outcome and outcome[0] == "success" else "failed")
+        counts[status] = counts.get(status, 0) + 1
+        if status not in ("completed", "skipped"):
+            failed.append(index)
+    print("sweep tasks: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if failed:
+        print(f"not finished: tasks {_ranges(failed)}; re-run them alone with --indices {_ranges(failed)} "
+              f"(failed.json in each task folder has the traceback)", file=sys.stderr)
+        return cli.EXIT_JOB_FAILED
+    return cli.EXIT_OK
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    xs = sorted(xs)
+    parts, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(parts)

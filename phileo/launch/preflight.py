@@ -1,0 +1,184 @@
+"""Checks a job before it is queued, so that a mistake costs seconds on the login node, not hours in the queue.
+
+Each check that fails adds one line saying what is wrong and what to change; all lines are reported together in
+one `PreflightError`. Checks: values that cannot be written safely into a batch script; nodes and time against
+the QOS (or partition) limits, with a QOS that would fit; GPUs, cores and memory per node against the node type;
+the account where the site needs one; the data manifest exists and has at least one chunk per node; the run
+folder can be written (or, on a fresh launch, does not already hold a run).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from phileo.launch.resources import JobResources, parse_mem_mb
+from phileo.launch.sites import SiteProfile, format_minutes
+
+
+class PreflightError(ValueError):
+    """The job would be refused or would fail; `problems` lists each reason with what to change."""
+
+    def __init__(self, problems: list[str], header: str = "the job was not submitted"):
+        self.problems = list(problems)
+        super().__init__(f"{header}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class PreflightReport:
+    """What preflight found: hard problems (the job must not be submitted) and notes worth printing."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_failed(self) -> None:
+        if self.problems:
+            raise PreflightError(self.problems)
+
+
+def unsafe_value_reason(value: str) -> Optional[str]:
+    """Why `value` cannot go into a batch script, or None when it can (after shlex quoting).
+
+    Quoting handles spaces, quotes and `$(...)`; it cannot handle a line break (a #SBATCH directive ends at the
+    line end, so the rest would run as shell), and SLURM expands `%` patterns in file names and job names.
+    """
+    if any(c in value for c in "\n\r\0"):
+        return "contains a line break or NUL"
+    return None
+
+
+def check_script_values(values: dict[str, Optional[str]], paths: dict[str, Optional[str]] = None) -> list[str]:
+    """Problems for user-provided strings (job name, account ...) and paths that go into a batch script."""
+    problems = []
+    for what, v in values.items():
+        if v is not None and (why := unsafe_value_reason(str(v))):
+            problems.append(f"{what} {v!r} {why}; choose one without it")
+    for what, v in (paths or {}).items():
+        if v is None:
+            continue
+        if why := unsafe_value_reason(str(v)):
+            problems.append(f"{what} {str(v)!r} {why}; choose another path")
+        elif "%" in str(v):
+            problems.append(f"{what} {str(v)!r} contains '%', which SLURM expands in log file names "
+                            f"(%j = job id ...); choose a path without '%'")
+    return problems
+
+
+def check_limits(site: SiteProfile, res: JobResources) -> list[str]:
+    """Nodes/time against QOS or partition limits; tasks, GPUs, cores, memory against the node type; account."""
+    problems: list[str] = []
+    where = f"site {site.name} ({site.path or 'profile'})"
+    if site.qos:
+        if res.qos is None:
+            problems.append(f"no QOS chosen and {where} has no default_qos; pass --qos "
+                            f"(one of: {', '.join(q.describe() for q in site.qos)})")
+        else:
+            q = site.find_qos(res.qos)
+            if q is None:
+                problems.append(f"--qos {res.qos} is not a QOS of {where}; known: "
+                                f"{', '.join(q.name for q in site.qos)}")
+            elif not q.fits(res.nodes, res.time_min):
+                fitting = [x for x in site.qos_fitting(res.nodes, res.time_min)]
+                what = []
+                if res.nodes < q.min_nodes or (q.max_nodes is not None and res.nodes > q.max_nodes):
+                    what.append(f"{res.nodes} nodes")
+                if q.max_time_min is not None and res.time_min > q.max_time_min:
+                    what.append(f"--time {format_minutes(res.time_min)}")
+                hint = (f"use --qos {fitting[0].describe()}" if fitting else
+                        "lower --nodes or --time to fit one of: " + "; ".join(x.describe() for x in site.qos))
+                problems.append(f"{' and '.join(what)} do not fit QOS {q.describe()} on {site.name}: {hint}")
+    if site.max_nodes is not None and res.nodes > site.max_nodes:
+        problems.append(f"--nodes {res.nodes} is more than the {site.max_nodes} nodes of {where}; "
+                        f"use --nodes {site.max_nodes} or fewer")
+    if site.max_time_min is not None and res.time_min > site.max_time_min:
+        problems.append(f"--time {format_minutes(res.time_min)} is longer than the partition limit "
+                        f"{format_minutes(site.max_time_min)} of {where}; shorten --time (the job requeues "
+                        f"itself at the limit and resumes)")
+
+    node = site.node
+    if node.gpus > 0:
+        if res.gpus_per_node > node.gpus:
+            problems.append(f"--gpus-per-node {res.gpus_per_node} but a {site.name} node has {node.gpus} "
+                            f"{node.gpu_model or 'GPUs'}; use --gpus-per-node {node.gpus} or fewer (and more --nodes)")
+    if res.tasks_per_node * res.cpus_per_task > node.cpus:
+        problems.append(f"{res.tasks_per_node} task(s) per node x --cpus-per-task {res.cpus_per_task} = "
+                        f"{res.tasks_per_node * res.cpus_per_task} cores, but a {site.name} node has {node.cpus}; "
+                        f"use --cpus-per-task {max(1, node.cpus // res.tasks_per_node)} or fewer")
+    if res.mem is not None and node.mem_mb:
+        mem_mb = parse_mem_mb(res.mem)
+        if mem_mb > node.mem_mb:
+            problems.append(f"--mem {res.mem} is more than the {node.mem_mb} MB a {site.name} node offers; "
+                            f"use --mem {node.mem_mb}M or less (0 = the whole node)")
+    if site.account_required and not res.account:
+        problems.append(f"{where} needs an account: pass --account <project> (Leonardo: see `saldo -b`), "
+                        f"set `account:` in the profile, or export SBATCH_ACCOUNT")
+    if res.signal_delay_s >= res.time_min * 60:
+        problems.append(f"the pre-timeout signal ({res.signal_delay_s} s before the limit) would come before the "
+                        f"job starts; raise --time above {res.signal_delay_s // 60 + 1} min or lower "
+                        f"--signal-delay-s")
+    problems += check_script_values(
+        {"--job-name": res.job_name, "--account": res.account, "--partition": res.partition, "--qos": res.qos,
+         "--mem": res.mem})
+    return problems
+
+
+def check_run_dir(run_dir: Path, fresh: bool, is_run: Callable[[Path], bool] = None) -> list[str]:
+    """The run folder (or its nearest existing parent) is writable; a fresh launch must not reuse a run's folder."""
+    problems = check_script_values({}, {"--run-dir": str(run_dir)})
+    p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        return problems + [f"--run-dir {p} exists and is not a folder; choose another path"]
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        problems.append(f"run folder {p} cannot be created or written ({probe} is not writable by you); "
+                        f"choose a --run-dir on your shared scratch")
+    if fresh and p.is_dir() and is_run is not None and is_run(p):
+        problems.append(f"run folder {p} already holds a run; continue it with --resume {p}, or choose "
+                        f"another --run-dir")
+    return problems
+
+
+def check_data(data_root: Optional[Path], nodes: int,
+               count_chunks: Callable[[Path], int]) -> tuple[list[str], list[str]]:
+    """The manifest under `data_root` exists and lists at least one chunk per node. Returns (problems, notes).
+
+    `count_chunks(data_root)` reads the manifest (phileo.data.load_manifest) and returns its chunk count, raising
+    with the reader's own message when it cannot.
+    """
+    if data_root is None:
+        return ["no --data given and the site has no data_root; pass --data <folder with manifest.json>"], []
+    try:
+        n_chunks = count_chunks(Path(data_root))
+    except Exception as e:  # the reader's message names the file and the fix
+        return [f"--data {data_root}: {e}"], []
+    if n_chunks < nodes:
+        return [f"--data {data_root} has {n_chunks} chunk(s) but the job has {nodes} nodes, and each node reads "
+                f"whole chunks: use --nodes {max(1, n_chunks)} or fewer, or preprocess more data into more chunks"], []
+    return [], [f"data: {n_chunks} chunks for {nodes} node(s) ({n_chunks / nodes:.1f} per node)"]
+
+
+def preflight(site: SiteProfile, res: JobResources, *, run_dir: Optional[Path] = None, fresh_run: bool = True,
+              is_run: Callable[[Path], bool] = None, data_root: Optional[Path] = None,
+              count_chunks: Optional[Callable[[Path], int]] = None) -> PreflightReport:
+    """Every check for one job; returns a report (problems and notes) and never submits or writes anything.
+
+    Data is checked only when `count_chunks` is given (pretraining); the run folder only when `run_dir` is.
+    """
+    report = PreflightReport()
+    report.problems += check_limits(site, res)
+    if run_dir is not None:
+        report.problems += check_run_dir(Path(run_dir), fresh_run, is_run)
+    if count_chunks is not None:
+        problems, notes = check_data(data_root, res.nodes, count_chunks)
+        report.problems += problems
+        report.notes += notes
+    report.notes.append(f"asks for {res.describe_cost()}")
+    return report

@@ -1,0 +1,226 @@
+"""`jobs/launch_pretrain.py`: one command from flags to a checked, queued, self-requeueing pretraining job.
+
+    python jobs/launch_pretrain.py --site leonardo --account AIFAC_X --nodes 16 --data $WORK/majortom/shards
+    python jobs/launch_pretrain.py --cluster local --gpus-per-node 2 --data shards --steps 50 --wait
+    python jobs/launch_pretrain.py --resume $CINECA_SCRATCH/phileo/runs/phileo-pretrain-20250101-120000
+
+The config is built in layers: the engine's defaults, the site's data-loader workers, `--config FILE.yaml`,
+the flags (`--model` -> model.name, `--data` -> data.root, `--batch-size` -> data.batch_size (per process),
+`--steps` -> train.steps, `--strategy` -> train.strategy, `--seed` -> train.seed, `--run-dir` -> run.dir), then
+`key=value` overrides. With `--resume RUN_DIR` the first three layers are the run's own config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from phileo.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from phileo.launch import cli
+from phileo.launch.jobs import PretrainJob
+from phileo.launch.preflight import PreflightReport, preflight
+from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
+                                  resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
+
+# Launcher flag -> config key (the engine's PretrainConfig).
+FLAG_KEYS = {
+    "model": "model.name",
+    "data": "data.root",
+    "batch_size": "data.batch_size",
+    "steps": "train.steps",
+    "strategy": "train.strategy",
+    "seed": "train.seed",
+}
+CONFIG_FILE = "config.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch_pretrain.py",
+        description="Submit PhilEO pretraining as a multi-node SLURM job (or local processes), checked against "
+                    "the site's limits first, requeueing itself at the walltime limit.",
+        epilog="Any other config key: key=value (e.g. optim.lr=3e-4 checkpoint.every_steps=500).")
+    cli.add_site_args(p)
+    cli.add_resource_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--model", default=None, help="model name (model.name), e.g. phileo_cnn_44m")
+    g.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3"], default=None, help="train.strategy")
+    g.add_argument("--data", default=None, help="folder with the shard manifest (data.root)")
+    g.add_argument("--run-dir", default=None, help="run folder (default: <site run_root>/<job name>-<time>)")
+    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size per process (data.batch_size)")
+    g.add_argument("--seed", type=int, default=None, help="train.seed")
+    g.add_argument("--config", default=None, help="base config YAML (below the flags and overrides)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an existing run: its config and resources, flags and overrides on top")
+    cli.add_run_args(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any other config key")
+    return p
+
+
+def _config_class():
+    from phileo.train.config import PretrainConfig
+
+    return PretrainConfig
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(args: argparse.Namespace, run_dir: Path, num_workers: Optional[int],
+                 base_file: Optional[Path]) -> Any:
+    """The PretrainConfig for this launch (layers as in the module docstring); validated."""
+    cls = _config_class()
+    data = to_dict(cls())
+    if num_workers is not None and base_file is None:
+        data = _deep_merge(data, {"data": {"num_workers": num_workers}})
+    if base_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(base_file).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {base_file}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {base_file} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {base_file} must be a mapping of sections")
+        data = _deep_merge(data, loaded)
+    try:
+        cfg = from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{base_file or 'config'}: {e}") from None
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if "data.root" in flags:
+        flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
+    flags["run.dir"] = str(run_dir)
+    cfg = apply_overrides(cfg, flags)
+    return apply_overrides(cfg, list(args.overrides))
+
+
+def count_chunks(data_root: Path) -> int:
+    """Chunks listed in the shard manifest under `data_root` (phileo.data.load_manifest reads and checks it)."""
+    from phileo.data import load_manifest
+
+    manifest = load_manifest(data_root)
+    chunks = getattr(manifest, "chunks", None)
+    if chunks is None and isinstance(manifest, dict):
+        chunks = manifest.get("chunks")
+    if chunks is None:
+        raise ConfigError(f"the manifest under {data_root} lists no chunks")
+    return len(chunks)
+
+
+def is_run_dir(p: Path) -> bool:
+    """Whether a folder already holds a run (a config, checkpoints or a launch record)."""
+    return any((p / name).exists() for name in (CONFIG_FILE, "checkpoints", "launch.json", "DONE"))
+
+
+def default_run_dir(site, job_name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return site.resolve_run_root() / f"{job_name}-{stamp}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parses flags, builds and checks the job, submits it (or prints it with --dry-run). Returns the exit code:
+    0 submitted (or, with --wait, completed), 1 the job ended without completing, 2 refused (nothing submitted).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return _launch(args)
+    except ConfigError as e:
+        return cli.refuse(str(e))
+
+
+def _launch(args: argparse.Namespace) -> int:
+    saved: dict[str, Any] = {}
+    base_file = Path(args.config) if args.config else None
+    if args.resume:
+        run_dir = Path(args.resume).expanduser().absolute()
+        if not (run_dir / CONFIG_FILE).is_file():
+            return cli.refuse(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a run folder "
+                              f"(a run's folder holds config.yaml, checkpoints/ and logs/)")
+        if args.run_dir and Path(args.run_dir).absolute() != run_dir:
+            return cli.refuse("--resume and --run-dir name different folders; give only --resume")
+        if base_file is not None:
+            return cli.refuse("--resume continues the run's own config.yaml; change keys with key=value instead "
+                              "of --config")
+        record = read_launch_record(run_dir)
+        saved = record.get("resources", {})
+        base_file = run_dir / CONFIG_FILE
+        saved_site = record.get("site_path")
+        args.site = args.site or (saved_site if saved_site and Path(saved_site).is_file() else record.get("site"))
+        if args.cluster == "auto" and record.get("cluster"):
+            args.cluster = record["cluster"]
+    site = cli.pick_site(args.site)
+    cluster = resolve_cluster(args.cluster)
+    res = cli.resources_from_args(site, args, saved, default_job_name="phileo-pretrain")
+    if not args.resume:
+        run_dir = (Path(args.run_dir).expanduser().absolute() if args.run_dir
+                   else default_run_dir(site, res.job_name))
+    if args.data is None and site.data_root and not args.resume:
+        args.data = site.data_root
+    cfg = build_config(args, run_dir, site.defaults.workers_for(res.cpus_per_task), base_file)
+    data_root = Path(cfg.data.root) if getattr(cfg.data, "root", None) else None
+
+    report: PreflightReport = preflight(site, res, run_dir=run_dir, fresh_run=not args.resume,
+                                        is_run=is_run_dir, data_root=data_root, count_chunks=count_chunks)
+    if cluster == "local":
+        report.problems += check_local_request(res)
+    plan = make_plan(cluster, site, res, run_dir / "logs")
+
+    if args.dry_run:
+        print(f"# ---- batch script ({cluster}, site {site.name}) ----")
+        print(plan.script(), end="")
+        print(f"# ---- resolved config (would be written to {run_dir / CONFIG_FILE}) ----")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print("# ---- preflight ----")
+        cli.print_report(report)
+        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
+    cli.print_report(report, file=sys.stderr)
+    if not report.ok:
+        print("nothing was submitted.", file=sys.stderr)
+        return cli.EXIT_REFUSED
+
+    prepare_run_dir(run_dir)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    job = submit(plan, PretrainJob(to_dict(cfg), max_requeues=res.max_requeues))
+    update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
+                         resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
+    print(f"submitted {cluster} job {job.job_id} ({res.describe_cost()})")
+    print(f"run folder:  {run_dir}")
+    print(f"job logs:    {run_dir / 'logs'}")
+    print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")
+    if not args.wait:
+        return cli.EXIT_OK
+    return wait_and_report(job, run_dir, args.wait_timeout_s)
+
+
+def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) -> int:
+    """Blocks until the job (requeues included) has ended; prints and returns its exit status."""
+    print(f"waiting for job {job.job_id} (requeues included) ...", flush=True)
+    try:
+        wait_for([job], timeout_s=timeout_s)
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_JOB_FAILED
+    outcome = read_task_result(job, 0)
+    if outcome is None:
+        print(f"job {job.job_id} ended without a result from rank 0 (killed, out of memory, or cancelled); "
+              f"see {run_dir / 'logs'}", file=sys.stderr)
+        return cli.EXIT_JOB_FAILED
+    state, value = outcome
+    if state != "success":
+        print(f"job {job.job_id} failed on rank 0:\n{value}", file=sys.stderr)
+        return cli.EXIT_JOB_FAILED
+    status = getattr(value, "status", None)
+    print(f"job {job.job_id} ended: status={status} step={getattr(value, 'step', None)} "
+          f"final_loss={getattr(value, 'final_loss', None)}")
+    return cli.EXIT_OK if status == "completed" else cli.EXIT_JOB_FAILED

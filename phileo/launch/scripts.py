@@ -1,0 +1,150 @@
+"""Batch scripts and submitit executors from a site profile and a resolved request.
+
+The same parameters drive both the `--dry-run` text and the real submission (`make_executor` hands them to
+submitit's SlurmExecutor, whose `_make_sbatch_string` writes the script), so what a dry run prints is exactly
+what is queued. Every user-provided value reaches the script through `shlex.quote` (submitit quotes #SBATCH
+values and srun arguments; we quote what we add); values quoting cannot make safe (line breaks, `%` in paths)
+are refused by preflight.
+
+What the generated job does, and why:
+- `#SBATCH --ntasks-per-node=<GPUs>` and srun: one task per GPU, ranks from SLURM_PROCID/SLURM_LOCALID.
+- `export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK`: since SLURM 22.05 srun does not inherit --cpus-per-task
+  from sbatch, and DataLoader workers would all share one core.
+- `srun --kill-on-bad-exit=1`: one dead rank ends the step instead of leaving the others hung in a collective.
+- `#SBATCH --signal=USR2@<s>` (no `B:`): the pre-timeout signal goes to every task, where the training loop
+  turns it into a checkpoint at the next step boundary; `--requeue` lets the job put itself back in the queue.
+- `--output/--error` in `<run_dir>/logs/`: the job's stdout/stderr stay with the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from phileo.launch.resources import JobResources
+from phileo.launch.sites import SiteProfile
+
+LOG_DIR_NAME = "logs"
+
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def log_folder(run_dir: str | os.PathLike) -> Path:
+    """Where a run's batch script, stdout/stderr and submitit pickles go."""
+    return Path(run_dir) / LOG_DIR_NAME
+
+
+def job_environment(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The variables every job of this site exports (profile `env`, then `extra_env`)."""
+    env = dict(site.env)
+    for k, v in (extra_env or {}).items():
+        env[str(k)] = str(v)
+    return env
+
+
+def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -> list[str]:
+    """Shell lines run by the batch script before srun: the site's module/conda lines, then exports.
+
+    Site env values are written in double quotes so that `$SLURM_...` expands on the node (profiles refuse
+    quotes, backticks and `$(`); `extra_env` values come from the launcher and are quoted with shlex.
+    """
+    lines = list(site.setup)
+    lines.append("# srun (SLURM >= 22.05) does not inherit --cpus-per-task; without this, workers share one core")
+    lines.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"')
+    for k, v in site.env.items():
+        lines.append(f'export {k}="{v}"')
+    for k, v in (extra_env or {}).items():
+        lines.append(f"export {k}={shlex.quote(str(v))}")
+    return lines
+
+
+def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optional[dict[str, str]] = None,
+                     array_parallelism: Optional[int] = None, dependency: Optional[str] = None,
+                     requeue: bool = True) -> dict[str, Any]:
+    """Parameters for submitit's SlurmExecutor (its own names), from a resolved request.
+
+    Returns a dict for `SlurmExecutor.update_parameters`; values that are None are left out so SLURM's own
+    defaults apply. `dependency` is SLURM syntax (e.g. "afterok:123").
+    """
+    params: dict[str, Any] = {
+        "job_name": res.job_name,
+        "partition": res.partition,
+        "account": res.account,
+        "qos": res.qos,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "gres": f"gpu:{res.gpus_per_node}" if res.gpus_per_node else None,
+        "mem": res.mem,
+        "time": res.time_min,
+        "signal_delay_s": res.signal_delay_s,
+        "setup": setup_lines(site, extra_env),
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "dependency": dependency,
+        # submitit writes --wckey=submitit by default; sites that track WCKeys would charge it to that name.
+        "wckey": None,
+        "additional_parameters": {"requeue": True} if requeue else {},
+    }
+    if dependency:
+        # Without it a job whose dependency failed stays pending forever ("DependencyNeverSatisfied").
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
+    if array_parallelism is not None:
+        params["array_parallelism"] = array_parallelism
+    return {k: v for k, v in params.items() if v is not None or k == "wckey"}
+
+
+def submitit_command(folder: str | os.PathLike, python: Optional[str] = None) -> str:
+    """The command srun runs on every task (the same string submitit's executor builds)."""
+    python = shlex.quote(sys.executable) if python is None else python
+    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def render_sbatch(params: dict[str, Any], folder: str | os.PathLike, python: Optional[str] = None,
+                  map_count: Optional[int] = None) -> str:
+    """The batch script submitit would submit with these parameters (for --dry-run); submits nothing.
+
+    `map_count` renders the script of a job array of that many tasks.
+    """
+    from submitit.slurm.slurm import _make_sbatch_string  # the function SlurmExecutor itself uses
+
+    extra = {"map_count": map_count} if map_count is not None else {}
+    return _make_sbatch_string(command=submitit_command(folder, python), folder=str(folder), **params, **extra)
+
+
+def make_slurm_executor(folder: str | os.PathLike, params: dict[str, Any], max_requeues: int,
+                        python: Optional[str] = None):
+    """A submitit SlurmExecutor writing into `folder` with `params` (from `slurm_parameters`)."""
+    import submitit
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues, python=python)
+    ex.update_parameters(**params)
+    return ex
+
+
+def local_environment(site: SiteProfile, res: JobResources,
+                      extra_env: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The site env for local processes: `$SLURM_CPUS_PER_TASK` and friends replaced by the request's values."""
+    slurm_like = {"SLURM_CPUS_PER_TASK": str(res.cpus_per_task), "SLURM_NTASKS": str(res.num_tasks),
+                  "SLURM_JOB_NUM_NODES": "1"}
+
+    def expand(v: str) -> str:
+        return _VAR.sub(lambda m: slurm_like.get(m.group(1), os.environ.get(m.group(1), "")), v)
+
+    return {k: expand(v) for k, v in job_environment(site, extra_env).items()}
+
+
+def make_local_executor(folder: str | os.PathLike, res: JobResources, max_requeues: int, use_gpus: bool):
+    """A submitit LocalExecutor: `res.tasks_per_node` processes on this machine, same callable, same requeue."""
+    import submitit
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    ex = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
+    ex.update_parameters(timeout_min=res.time_min, tasks_per_node=res.tasks_per_node,
+                         gpus_per_node=res.tasks_per_node if use_gpus else 0,
+                         signal_delay_s=res.signal_delay_s)
+    return ex

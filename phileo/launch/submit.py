@@ -1,0 +1,196 @@
+"""Submitting a callable to SLURM or to local processes, recording it, and waiting for it honestly.
+
+The cluster is a parameter, not a code path: `build_executor("slurm" | "local", ...)` returns a submitit executor
+and everything after that (submit, requeue, wait, read the result) is the same. Waiting never relies on
+submitit's `result()`, which hangs when a job dies before writing its result and no accounting database is
+available: on SLURM we ask `squeue` whether any part of the job (requeues included) is alive, locally we watch
+the controller process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from phileo.config import ConfigError
+from phileo.fsutil import atomic_write_json, make_group_readable, read_json
+from phileo.launch.resources import JobResources
+from phileo.launch.scripts import (local_environment, make_local_executor, make_slurm_executor, render_sbatch,
+                                   slurm_parameters)
+from phileo.launch.sites import SiteProfile
+from phileo.launch.slurm import job_active
+
+LAUNCH_RECORD = "launch.json"
+
+
+def resolve_cluster(cluster: str) -> str:
+    """'auto' -> 'slurm' when sbatch is on PATH, else 'local'; 'slurm' without sbatch is refused."""
+    if cluster == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if cluster == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("--cluster slurm but `sbatch` is not on PATH here: run on a login node, or use "
+                          "--cluster local to run the same job in local processes")
+    if cluster not in ("slurm", "local"):
+        raise ConfigError(f"--cluster must be slurm, local or auto, got {cluster!r}")
+    return cluster
+
+
+def check_local_request(res: JobResources) -> list[str]:
+    """What a local (no SLURM) run cannot do."""
+    if res.nodes != 1:
+        return [f"--cluster local runs on this one machine: use --nodes 1 (got {res.nodes}); "
+                f"--gpus-per-node N starts N processes"]
+    return []
+
+
+def local_uses_gpus(n_tasks: int) -> bool:
+    """True when this machine has at least one GPU per local task."""
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() >= n_tasks
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """Sets variables for child processes started inside the block, then restores the parent's environment."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Plan:
+    """One job ready to go: where it runs, what it asks for, and the batch script (SLURM) it would submit."""
+
+    cluster: str
+    site: SiteProfile
+    resources: JobResources
+    folder: Path  # submitit folder: batch script, logs, pickles
+    slurm_params: Optional[dict[str, Any]] = None
+    extra_env: Optional[dict[str, str]] = None
+    python: Optional[str] = None
+
+    def script(self, map_count: Optional[int] = None) -> str:
+        """The sbatch script (SLURM), or a description of the local processes."""
+        if self.cluster == "slurm":
+            return render_sbatch(self.slurm_params, self.folder, self.python, map_count=map_count)
+        env = local_environment(self.site, self.resources, self.extra_env)
+        lines = [f"# --cluster local: {self.resources.tasks_per_node} local process(es) on this machine, "
+                 f"time limit {self.resources.time_min} min (USR2 {self.resources.signal_delay_s} s before it)",
+                 f"# logs in {self.folder}"]
+        lines += [f"export {k}={v}" for k, v in env.items()]
+        return "\n".join(lines) + "\n"
+
+    def executor(self):
+        if self.cluster == "slurm":
+            return make_slurm_executor(self.folder, self.slurm_params, self.resources.max_requeues, self.python)
+        return make_local_executor(self.folder, self.resources, self.resources.max_requeues,
+                                   use_gpus=local_uses_gpus(self.resources.tasks_per_node))
+
+    def local_env(self) -> dict[str, str]:
+        return local_environment(self.site, self.resources, self.extra_env) if self.cluster == "local" else {}
+
+
+def make_plan(cluster: str, site: SiteProfile, res: JobResources, folder: Path, *,
+              extra_env: Optional[dict[str, str]] = None, array_parallelism: Optional[int] = None,
+              dependency: Optional[str] = None, requeue: bool = True, python: Optional[str] = None) -> Plan:
+    params = None
+    if cluster == "slurm":
+        params = slurm_parameters(site, res, extra_env=extra_env, array_parallelism=array_parallelism,
+                                  dependency=dependency, requeue=requeue)
+    return Plan(cluster, site, res, Path(folder), params, extra_env, python)
+
+
+def submit(plan: Plan, fn: Any) -> Any:
+    """Submits one callable; returns the submitit job."""
+    ex = plan.executor()
+    with patched_environ(plan.local_env()):
+        return ex.submit(fn)
+
+
+def submit_array(plan: Plan, fns: list[Any]) -> list[Any]:
+    """Submits callables as one job array (SLURM `--array=0-(N-1)%K`); locally, one process group each."""
+    ex = plan.executor()
+    with patched_environ(plan.local_env()):
+        if plan.cluster == "slurm":
+            return ex.submit_array(fns)
+        return [ex.submit(f) for f in fns]
+
+
+def base_job_id(job_id: str) -> str:
+    """'123_4' (array task) -> '123'; the id squeue accepts for the whole job."""
+    return str(job_id).split("_", 1)[0]
+
+
+def job_is_active(job: Any) -> bool:
+    """Whether any part of the job (array tasks and requeues included) may still run."""
+    if type(job).__name__ == "LocalJob":
+        return job.get_info().get("jobState") == "RUNNING"
+    return job_active(job.job_id)  # squeue takes "123" and array tasks "123_4" alike
+
+
+def read_task_result(job: Any, task: int = 0) -> Optional[tuple[str, Any]]:
+    """("success", value) or ("error", traceback text) from the task's result pickle; None when it wrote none."""
+    parts = list(getattr(job, "_sub_jobs", None) or [job])
+    path = parts[task].paths.result_pickle if task < len(parts) else None
+    if path is None or not path.exists():
+        return None
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def wait_for(jobs: list[Any], timeout_s: Optional[float] = None, poll_s: float = 5.0,
+             on_poll: Any = None) -> None:
+    """Blocks until no part of any job is active (requeues included). TimeoutError after `timeout_s`."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while any(job_is_active(j) for j in jobs):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job(s) {', '.join(str(j.job_id) for j in jobs)} still active after {timeout_s:.0f} s")
+        if on_poll is not None:
+            on_poll()
+        time.sleep(poll_s)
+    # A result pickle is renamed into place just before the process exits; allow for file-system lag.
+    grace = time.monotonic() + 5.0
+    while time.monotonic() < grace and any(read_task_result(j) is None for j in jobs):
+        time.sleep(0.5)
+
+
+def update_launch_record(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Merges `fields` into <run_dir>/launch.json (atomic); `job_ids` are appended, not replaced."""
+    path = Path(run_dir) / LAUNCH_RECORD
+    record: dict[str, Any] = read_json(path, "launch record") if path.exists() else {}
+    new_ids = fields.pop("job_ids", [])
+    record.update(fields)
+    record["job_ids"] = list(record.get("job_ids", [])) + [str(j) for j in new_ids]
+    record["updated_at"] = _dt.datetime.now().isoformat(timespec="seconds")
+    atomic_write_json(path, record)
+    return record
+
+
+def read_launch_record(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / LAUNCH_RECORD
+    return read_json(path, "launch record") if path.exists() else {}
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Creates the run folder and its log folder, readable by the project group."""
+    for d in (run_dir, run_dir / "logs"):
+        d.mkdir(parents=True, exist_ok=True)
+        make_group_readable(d, directory=True)

@@ -1,0 +1,306 @@
+"""The launchers on the dev SLURM cluster, for real: multi-node pretraining, a time limit survived by
+requeue, the preprocessing array + merge, hostile names, and the same pretraining without SLURM.
+
+The pretraining runs are shared: one 2-node job runs straight through (the reference), an identical one with a
+2-minute limit is signalled, requeued and resumed, and both must end at the same step with the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phileo.launch.jobs import CommandJob
+from phileo.launch.resources import resolve_resources
+from phileo.launch.sites import load_site
+from phileo.launch.slurm import wait_for_job_id
+from phileo.launch.submit import make_plan, read_task_result, submit, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+STEPS = 30
+TRAIN_ARGS = ["--site", "local", "--model", "phileo_cnn_tiny", "--steps", str(STEPS), "--batch-size", "2",
+              "optim.warmup_steps=2", "run.log_every_steps=1", "run.image_every_steps=0",
+              "checkpoint.every_steps=10", "data.num_workers=0"]
+
+
+def _launch(script: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, str(REPO / "jobs" / script), *args], capture_output=True, text=True, **kw)
+
+
+def _job_id(stdout: str) -> str:
+    m = re.search(r"submitted slurm job (\d+)", stdout)
+    assert m, f"no job id in the launcher's output:\n{stdout}"
+    return m.group(1)
+
+
+def _result(run: Path, job_id: str):
+    with open(run / "logs" / f"{job_id}_0_result.pkl", "rb") as fh:
+        return pickle.load(fh)
+
+
+def _logs(run: Path, pattern: str = "*.err") -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run / "logs").glob(pattern)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from phileo.data.synthetic import make_pretrain_shards
+
+    return make_pretrain_shards(tmp_path_factory.mktemp("launch-data"), n_cells=8, nodes=2)
+
+
+def _steps_logged(run: Path) -> int:
+    steps = re.findall(r"step (\d+)/\d+", (run / "log.txt").read_text()) if (run / "log.txt").exists() else []
+    return max(map(int, steps), default=0)
+
+
+def _elapsed_s(job_id: str) -> int:
+    text = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%M"], capture_output=True, text=True).stdout
+    days, _, hms = text.strip().rpartition("-")
+    seconds = 0
+    for part in hms.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def _set_time_limit(job_id: str, minutes: int) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True,
+                   capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory, shards):
+    """The reference and the time-limited run side by side (2 nodes each), both waited for.
+
+    The second run's time limit is cut, once its training loop is running, to 1-2 minutes from then: shorter
+    than its remaining work, and close enough that SLURM's USR2 (90 s before the limit) comes at once, however
+    fast this machine is. When it has requeued itself the limit is raised again so the resumed job can finish.
+    """
+    base = tmp_path_factory.mktemp("launch-runs")
+    straight, requeued = base / "straight", base / "requeue"
+    common = [*TRAIN_ARGS, "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--data", str(shards),
+              "--time", "30"]
+    # The time-limited run goes through --wait: it must block across the requeue and report the final status.
+    waiter = subprocess.Popen(
+        [PY, str(REPO / "jobs/launch_pretrain.py"), *common, "--run-dir", str(requeued), "--job-name", "requeue",
+         "--signal-delay-s", "90", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight")
+        assert first.returncode == 0, first.stderr
+        straight_id = _job_id(first.stdout)
+        deadline = time.monotonic() + 300
+        while _steps_logged(requeued) < 3:
+            assert waiter.poll() is None, "the time-limited run ended before it was signalled"
+            assert time.monotonic() < deadline, f"the time-limited run did not start training:\n{_logs(requeued)}"
+            time.sleep(1)
+        requeue_id = json.loads((requeued / "launch.json").read_text())["job_ids"][0]
+        _set_time_limit(requeue_id, _elapsed_s(requeue_id) // 60 + 2)
+        while not re.search(r"requeueing \(1/", _logs(requeued)):
+            assert waiter.poll() is None, f"ended without a requeue:\n{_logs(requeued)[-3000:]}"
+            assert time.monotonic() < deadline, f"no requeue:\n{_logs(requeued)[-3000:]}"
+            time.sleep(1)
+        _set_time_limit(requeue_id, 30)
+        out, err = waiter.communicate(timeout=400)
+    except BaseException:
+        waiter.kill()
+        raise
+    wait_for_job_id(straight_id, timeout_s=300, poll_s=2)
+    return {"straight": (straight, straight_id, first), "requeue": (requeued, _job_id(out), waiter.returncode,
+                                                                      out, err)}
+
+
+def test_two_node_job_completes_with_checkpoints_and_tensorboard(pretrain_runs):
+    run, job_id, launch = pretrain_runs["straight"]
+    assert f"run folder:  {run}" in launch.stdout
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in launch.stdout
+    state, result = _result(run, job_id)
+    assert state == "success", result
+    assert (result.status, result.step) == ("completed", STEPS)
+    assert json.loads((run / "DONE").read_text())["step"] == STEPS
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "model.pt").is_file()
+    env = json.loads((run / "env.json").read_text())
+    assert env["layout"]["world_size"] == 2 and env["layout"]["source"] == "slurm"
+    assert sorted(r["slurm_node"] for r in env["ranks"]) == ["node1", "node2"] or \
+        len({r["slurm_node"] for r in env["ranks"]}) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/total")]
+    assert steps[-1] == STEPS and len(steps) == STEPS
+    # Both ranks' outputs landed in the run folder.
+    assert (run / "logs" / f"{job_id}_0_log.out").exists() and (run / "logs" / f"{job_id}_1_log.out").exists()
+
+
+def test_time_limit_requeue_resumes_to_the_same_step_and_loss(pretrain_runs):
+    run, job_id, returncode, out, err = pretrain_runs["requeue"]
+    logs = _logs(run)
+    assert returncode == 0, f"{out}\n{err}\n{logs[-3000:]}"
+    assert re.search(r"preempted at step \d+: checkpoint written, requeueing \(1/", logs), logs[-3000:]
+    assert f"status=completed step={STEPS}" in out
+    _, reference = _result(*pretrain_runs["straight"][:2])
+    state, result = _result(run, job_id)
+    assert state == "success" and (result.status, result.step) == ("completed", STEPS)
+    assert result.final_loss == pytest.approx(reference.final_loss, rel=1e-5, abs=1e-7)
+    # The resumed job started from a checkpoint written before the limit, not from scratch.
+    log_txt = (run / "log.txt").read_text()
+    assert "(stop signal SIGUSR2)" in log_txt, log_txt[-2000:]  # the pre-timeout signal, not the kill
+    assert re.search(r"resuming from .*step_\d+ \(step \d+", log_txt), log_txt[-2000:]
+
+
+def test_dry_run_prints_exactly_the_submitted_script(pretrain_runs):
+    run, job_id, _ = pretrain_runs["straight"]
+    dry = _launch("launch_pretrain.py", "--resume", str(run), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    script = dry.stdout.split("# ---- batch script", 1)[1].split("\n", 1)[1].split("# ---- resolved config")[0]
+    assert script == (run / "logs" / f"{job_id}_submission.sh").read_text()
+
+
+def test_hostile_job_name_and_run_dir_on_the_cluster(tmp_path):
+    """sbatch reads the quoted #SBATCH values back verbatim; nothing in them runs; logs land in the odd folder."""
+    canary = tmp_path / "CANARY"
+    name = f"it's \"x\" $(touch {canary})"
+    run = tmp_path / f"a run 'dir' $(touch {canary})"
+    site = load_site("local")
+    res = resolve_resources(site, job_name=name, time="5")
+    job = submit(make_plan("slurm", site, res, run / "logs"), CommandJob(["echo", "hello from the job"]))
+    wait_for([job], timeout_s=120, poll_s=1)
+    assert read_task_result(job) == ("success", 0)
+    assert not canary.exists()
+    assert "hello from the job" in (run / "logs" / f"{job.job_id}_0_log.out").read_text()
+    shown = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job.job_id), "-o", "%j"],
+                           capture_output=True, text=True).stdout.strip()
+    assert shown == name
+
+
+def test_preprocess_array_then_merge_matches_a_local_conversion(tmp_path):
+    from phileo.data import load_manifest
+    from phileo.data.synthetic import write_majortom_parquet
+
+    source = tmp_path / "source"
+    write_majortom_parquet(source, 6, seed=1, cells_per_shard=3)
+    common = ["--site", "local", "--source", str(source), "--tasks", "2", "--train-nodes", "2", "--time", "10",
+              "--cells-per-chunk", "2"]
+    on_slurm = _launch("launch_preprocess.py", *common, "--cluster", "slurm", "--out", str(tmp_path / "slurm"),
+                       "--wait", timeout=400)
+    assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
+    ids = re.search(r"plan job (\d+), array job (\d+) \(2 tasks, %2\), merge job (\d+)", on_slurm.stdout)
+    assert ids, on_slurm.stdout
+    plan_id, array_id, merge_id = ids.groups()
+    submission = (tmp_path / "slurm/logs/merge" / f"{merge_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{array_id}" in submission
+    assert "#SBATCH --kill-on-invalid-dep=yes" in submission
+    local = _launch("launch_preprocess.py", *common, "--cluster", "local", "--out", str(tmp_path / "local"),
+                    timeout=400)
+    assert local.returncode == 0, local.stdout + local.stderr
+    on_cluster, here = load_manifest(tmp_path / "slurm"), load_manifest(tmp_path / "local")
+    assert len(on_cluster.chunks) == len(here.chunks) >= 2
+    assert [c.n_cells for c in on_cluster.chunks] == [c.n_cells for c in here.chunks]
+    assert on_cluster.num_cells == here.num_cells > 0
+    assert on_cluster.raw["assignment"]["num_nodes"] == 2
+
+
+def test_a_failed_stage_cancels_the_rest_and_wait_says_so(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    t0 = time.monotonic()
+    res = _launch("launch_preprocess.py", "--site", "local", "--cluster", "slurm", "--source", str(empty),
+                  "--out", str(tmp_path / "out"), "--tasks", "2", "--time", "5", "--wait", timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(r"plan job \d+ failed", res.stderr)
+    assert re.search(r"merge job \d+ failed: never ran", res.stderr)
+    assert time.monotonic() - t0 < 240
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_preflight_refuses_an_over_limit_request_before_submitting(tmp_path, shards):
+    res = _launch("launch_pretrain.py", "--site", "local", "--cluster", "slurm", "--nodes", "8", "--data",
+                  str(shards), "--run-dir", str(tmp_path / "run"))
+    assert res.returncode == 2
+    assert "--nodes 8 is more than the 4 nodes" in res.stderr and "use --nodes 4 or fewer" in res.stderr
+    assert "4 chunk(s) but the job has 8 nodes" in res.stderr
+    assert "submitted" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards):
+    run = tmp_path / "local"
+    # The flags of the cluster runs; the later --steps wins.
+    res = _launch("launch_pretrain.py", *TRAIN_ARGS, "--cluster", "local", "--gpus-per-node", "2",
+                  "--data", str(shards), "--run-dir", str(run), "--steps", "4", "--wait", timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "status=completed step=4" in res.stdout
+    env = json.loads((run / "env.json").read_text())
+    assert env["layout"]["world_size"] == 2 and env["layout"]["source"] == "torchrun"
+    assert all(r["slurm_node"] is None for r in env["ranks"])
+    assert (run / "DONE").exists() and (run / "checkpoints" / "step_00000004" / "model.pt").is_file()
+
+
+def test_plain_pretrain_sbatch_requeues_itself_until_done(tmp_path, shards):
+    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 0, no DONE) is
+    requeued by the batch shell, and the requeued launch finishes the run."""
+    run = tmp_path / "plain run"
+    (run / "logs").mkdir(parents=True)
+    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", "MAX_REQUEUES": "2"}
+    # The script's #SBATCH lines are Leonardo's: the command line replaces what the dev cluster cannot give.
+    args = ["--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
+            "--mem=0", "--time=10", f"--output={run}/logs/%j.out", f"--chdir={REPO}"]
+    overrides = ["model.name=phileo_cnn_tiny", f"data.root={shards}", "train.steps=4", "data.batch_size=2",
+                 "data.num_workers=0", "optim.warmup_steps=1", "run.image_every_steps=0",
+                 "train.max_steps_per_launch=2"]
+    out = subprocess.run(["sbatch", "--parsable", *args, str(REPO / "slurm" / "pretrain.sbatch"), *overrides],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    wait_for_job_id(job_id, timeout_s=300, poll_s=2)
+    log = (run / "logs" / f"{job_id}.out").read_text()
+    assert "requeueing job" in log and "training finished" in log, log[-3000:]
+    assert json.loads((run / "DONE").read_text())["step"] == 4
+    assert "(restart 1)" in log
+
+
+def test_sweep_as_job_arrays_split_at_max_array_size(tmp_path):
+    """Three fine-tuning tasks with MaxArraySize 2: two arrays, the second after the first (afterany)."""
+    import yaml
+
+    from phileo.data.bench_synthetic import make_bench_data
+
+    bench = tmp_path / "bench"
+    make_bench_data(bench, regions=("europe", "japan"), patches_per_file=4, val_patches_per_file=2, patch_size=32)
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "tiny", "max_parallel": 2,
+        "base": {"data.root": str(bench), "data.batch_size": 4, "data.num_workers": 0,
+                 "model.overrides": {"img_size": 32}, "finetune.max_epochs": 1, "finetune.warmup_epochs": 0,
+                 "run.tensorboard": False},
+        "models": [{"label": "tiny", "model.name": "phileo_cnn_tiny"}],
+        "tasks": ["building"], "n_shots": [4], "lrs": [1.0e-3], "seeds": [0, 1, 2]}))
+    out = tmp_path / "sweep"
+    res = _launch("launch_sweep.py", str(sweep), "--site", "local", "--cluster", "slurm", "--out", str(out),
+                  "--time", "10", "--max-array-size", "2", "--wait", timeout=480)
+    assert res.returncode == 0, res.stdout + res.stderr + _logs(out)[-3000:]
+    assert "sweep tasks: 3 completed" in res.stdout
+    record = json.loads((out / "launch.json").read_text())
+    first, second = record["arrays"]
+    assert (first["tasks"], second["tasks"]) == ([0, 1], [2])
+    scripts = {p.name: p.read_text() for p in (out / "logs").glob("*_submission.sh")}
+    first_script = next(t for n, t in scripts.items() if n.startswith(f"{first['job_id']}_"))
+    second_script = next(t for n, t in scripts.items() if n.startswith(f"{second['job_id']}_"))
+    assert "#SBATCH --array=0-1%2" in first_script
+    # submitit submits a one-task array as a plain job; it still waits for the first array.
+    assert f"#SBATCH --dependency=afterany:{first['job_id']}" in second_script
+    for i in range(3):
+        assert json.loads((out / "tasks" / f"{i:05d}" / "result.json").read_text())["status"] == "completed"
+    # Submitting again finds nothing left to do.
+    again = _launch("launch_sweep.py", str(sweep), "--site", "local", "--cluster", "slurm", "--out", str(out))
+    assert again.returncode == 0 and "nothing to submit" in again.stdout

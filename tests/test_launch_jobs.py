@@ -70,3 +70,28 @@ def test_local_job_is_signalled_requeued_and_resumes(tmp_path, job_pythonpath):
     assert len(list(runs["bounded"].glob("start_rank0_*.json"))) == 1
     log = "".join(p.read_text() for p in (runs["bounded"] / "logs").glob("*_0_log.err"))
     assert "NOT requeued" in log and "max_requeues=0" in log
+
+
+@pytest.mark.slow
+def test_launch_finetune_runs_one_fine_tuning_locally(tmp_path):
+    """jobs/launch_finetune.py --cluster local --wait: FinetuneJob runs run_finetuning and reports its result."""
+    import subprocess
+    import sys
+
+    from phileo.data.bench_synthetic import make_bench_data
+
+    bench = tmp_path / "bench"
+    make_bench_data(bench, regions=("europe", "japan"), patches_per_file=4, val_patches_per_file=2, patch_size=32)
+    run = tmp_path / "ft"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "launch_finetune.py"), "--site", "local", "--cluster", "local",
+         "--model", "phileo_cnn_tiny", "--task", "building", "--n-shot", "4", "--data", str(bench), "--run-dir",
+         str(run), "--wait", "model.overrides={img_size: 32}", "finetune.max_epochs=1", "finetune.warmup_epochs=0",
+         "data.batch_size=4", "data.num_workers=0", "run.tensorboard=false"],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "status=completed" in res.stdout
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["task"] == "building"
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["kind"] == "finetune" and launch["resources"]["tasks_per_node"] == 1

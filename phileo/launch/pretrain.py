@@ -221,6 +221,9 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
         print(f"job {job.job_id} failed on rank 0:\n{value}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED
     status = getattr(value, "status", None)
-    print(f"job {job.job_id} ended: status={status} step={getattr(value, 'step', None)} "
-          f"final_loss={getattr(value, 'final_loss', None)}")
+    # Pretraining returns a TrainResult (step, final_loss); fine-tuning a FinetuneResult whose `train` holds one.
+    train = value if hasattr(value, "step") else getattr(value, "train", None)
+    details = "".join(f" {k}={getattr(train, k)}" for k in ("step", "final_loss") if hasattr(train, k))
+    message = getattr(value, "message", "")
+    print(f"job {job.job_id} ended: status={status}{details}" + (f" ({message})" if message else ""))
     return cli.EXIT_OK if status == "completed" else cli.EXIT_JOB_FAILED

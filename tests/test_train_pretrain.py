@@ -46,7 +46,8 @@ def pretrain_config(run_dir: Path, shards: Path, *extra: str) -> PretrainConfig:
         f"data.root={shards}", "data.batch_size=2", "data.num_workers=0", f"train.steps={STEPS}",
         "train.precision=fp32", "train.device=cpu", "optim.lr=1e-3", "optim.warmup_steps=2",
         "run.log_every_steps=1", "run.image_every_steps=5", "checkpoint.every_steps=4", "checkpoint.keep_last=2",
-        f"run.dir={run_dir}", *extra])
+        # A CPU has no entry in the peak-FLOPs table: a nominal 1 TFLOP/s makes the MFU line testable here.
+        "run.peak_tflops_per_device=1.0", f"run.dir={run_dir}", *extra])
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -176,6 +177,14 @@ def test_pretraining_tensorboard_has_every_loss_term_and_images(strategy_runs):
                  "embedding_distance"):
         assert f"loss/{term}" in tags
     assert {"lr", "grad_norm", "perf/samples_per_s", "perf/samples_per_s_per_gpu", "perf/data_wait_frac"} <= tags
+    # MFU = training FLOPs per sample (2 views × 3 × forward) × samples/s per process / peak.
+    from phileo.models import create_model
+
+    flops = create_model("phileo_vit_tiny", img_size=64).flops_per_sample()
+    metrics = read_metrics(strategy_runs / "zero2")
+    for step in (2, STEPS):
+        expected = 2 * 3 * flops * metrics[step]["perf/samples_per_s_per_gpu"] / 1e12
+        assert metrics[step]["perf/mfu"] == pytest.approx(expected, rel=1e-6)
     images = acc.Tags()["images"]
     assert len(images) == 1 and [e.step for e in acc.Images(images[0])] == [5, 10]
     img = acc.Images(images[0])[0]

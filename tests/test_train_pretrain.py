@@ -64,8 +64,10 @@ def _launch(args: list[str], world: int = 2, logs: Path | None = None) -> list[s
     procs = []
     for rank in range(world):
         out = open(logs / f"rank{rank}.log", "w") if logs else subprocess.DEVNULL
+        # Own session per rank, like a task under srun: a signal to its process group reaches its DataLoader
+        # workers too, as SLURM's does.
         procs.append(subprocess.Popen([sys.executable, *args], env=_rank_env(rank, world, port), stdout=out,
-                                      stderr=subprocess.STDOUT))
+                                      stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -244,11 +246,13 @@ def test_pretraining_loss_decreases(tmp_path, shards, model_name):
 
 @pytest.mark.slow
 def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp_path, shards, strategy_runs):
-    """The CLI under a 2-process launch: SIGUSR2 to rank 1 only → both ranks agree, save, exit 0 without DONE;
-    the relaunch finishes with the losses of the uninterrupted ddp run; a third launch finds it DONE."""
+    """The CLI under a 2-process launch: SIGUSR2 to rank 1 only (its whole process group, DataLoader worker
+    included, as SLURM signals) → both ranks agree, save, exit 0 without DONE; the relaunch finishes with the
+    losses of the uninterrupted ddp run (which read its data without workers: same data, same order); a third
+    launch finds it DONE and changes nothing."""
     run = tmp_path / "signalled"
     cfg_file = tmp_path / "pretrain.yaml"
-    save_config(pretrain_config(run, shards, "train.strategy=ddp"), cfg_file)
+    save_config(pretrain_config(run, shards, "train.strategy=ddp", "data.num_workers=1"), cfg_file)
     args = ["-m", "phileo.train.pretrain", "--config", str(cfg_file)]
     logs = tmp_path / "first"
     logs.mkdir()
@@ -257,7 +261,7 @@ def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp
     while not read_metrics(run) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     assert read_metrics(run), "no step was logged:\n" + _tail(logs)
-    os.kill(procs[1].pid, signal.SIGUSR2)
+    os.killpg(os.getpgid(procs[1].pid), signal.SIGUSR2)
     _wait(procs, 300, logs)
     stopped = ckpt_io.latest_checkpoint(run)
     assert stopped is not None and ckpt_io.checkpoint_step(stopped) < STEPS, _tail(logs)

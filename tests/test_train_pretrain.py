@@ -46,7 +46,8 @@ def pretrain_config(run_dir: Path, shards: Path, *extra: str) -> PretrainConfig:
         f"data.root={shards}", "data.batch_size=2", "data.num_workers=0", f"train.steps={STEPS}",
         "train.precision=fp32", "train.device=cpu", "optim.lr=1e-3", "optim.warmup_steps=2",
         "run.log_every_steps=1", "run.image_every_steps=5", "checkpoint.every_steps=4", "checkpoint.keep_last=2",
-        f"run.dir={run_dir}", *extra])
+        # A CPU has no entry in the peak-FLOPs table: a nominal 1 TFLOP/s makes the MFU line testable here.
+        "run.peak_tflops_per_device=1.0", f"run.dir={run_dir}", *extra])
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -63,8 +64,10 @@ def _launch(args: list[str], world: int = 2, logs: Path | None = None) -> list[s
     procs = []
     for rank in range(world):
         out = open(logs / f"rank{rank}.log", "w") if logs else subprocess.DEVNULL
+        # Own session per rank, like a task under srun: a signal to its process group reaches its DataLoader
+        # workers too, as SLURM's does.
         procs.append(subprocess.Popen([sys.executable, *args], env=_rank_env(rank, world, port), stdout=out,
-                                      stderr=subprocess.STDOUT))
+                                      stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -176,6 +179,14 @@ def test_pretraining_tensorboard_has_every_loss_term_and_images(strategy_runs):
                  "embedding_distance"):
         assert f"loss/{term}" in tags
     assert {"lr", "grad_norm", "perf/samples_per_s", "perf/samples_per_s_per_gpu", "perf/data_wait_frac"} <= tags
+    # MFU = training FLOPs per sample (2 views × 3 × forward) × samples/s per process / peak.
+    from phileo.models import create_model
+
+    flops = create_model("phileo_vit_tiny", img_size=64).flops_per_sample()
+    metrics = read_metrics(strategy_runs / "zero2")
+    for step in (2, STEPS):
+        expected = 2 * 3 * flops * metrics[step]["perf/samples_per_s_per_gpu"] / 1e12
+        assert metrics[step]["perf/mfu"] == pytest.approx(expected, rel=1e-6)
     images = acc.Tags()["images"]
     assert len(images) == 1 and [e.step for e in acc.Images(images[0])] == [5, 10]
     img = acc.Images(images[0])[0]
@@ -235,11 +246,13 @@ def test_pretraining_loss_decreases(tmp_path, shards, model_name):
 
 @pytest.mark.slow
 def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp_path, shards, strategy_runs):
-    """The CLI under a 2-process launch: SIGUSR2 to rank 1 only → both ranks agree, save, exit 0 without DONE;
-    the relaunch finishes with the losses of the uninterrupted ddp run; a third launch finds it DONE."""
+    """The CLI under a 2-process launch: SIGUSR2 to rank 1 only (its whole process group, DataLoader worker
+    included, as SLURM signals) → both ranks agree, save, exit 0 without DONE; the relaunch finishes with the
+    losses of the uninterrupted ddp run (which read its data without workers: same data, same order); a third
+    launch finds it DONE and changes nothing."""
     run = tmp_path / "signalled"
     cfg_file = tmp_path / "pretrain.yaml"
-    save_config(pretrain_config(run, shards, "train.strategy=ddp"), cfg_file)
+    save_config(pretrain_config(run, shards, "train.strategy=ddp", "data.num_workers=1"), cfg_file)
     args = ["-m", "phileo.train.pretrain", "--config", str(cfg_file)]
     logs = tmp_path / "first"
     logs.mkdir()
@@ -248,7 +261,7 @@ def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp
     while not read_metrics(run) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     assert read_metrics(run), "no step was logged:\n" + _tail(logs)
-    os.kill(procs[1].pid, signal.SIGUSR2)
+    os.killpg(os.getpgid(procs[1].pid), signal.SIGUSR2)
     _wait(procs, 300, logs)
     stopped = ckpt_io.latest_checkpoint(run)
     assert stopped is not None and ckpt_io.checkpoint_step(stopped) < STEPS, _tail(logs)

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from phileo.config import save_config, to_dict
-from phileo.fsutil import make_group_readable
+from phileo.fsutil import atomic_write_json, make_group_readable
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
 from phileo.train.loader import build_loader, to_device
@@ -280,7 +280,7 @@ class Trainer:
             (self.run_dir / ckpt_io.DONE).unlink(missing_ok=True)
         handlers = setup_logging(self.run_dir, self.info.global_rank)
         try:
-            return self._fit(handlers)
+            return self._fit()
         except Exception:
             # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
             log.exception("training failed on global rank %d at step %d", self.info.global_rank, self.step + 1)
@@ -291,7 +291,7 @@ class Trainer:
                 self.writer.close()
             teardown_logging(handlers)
 
-    def _fit(self, handlers) -> TrainResult:
+    def _fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
         latest = dist.broadcast_object(ckpt_io.latest_checkpoint(self.run_dir) if info.is_main else None)
         start_step = ckpt_io.checkpoint_step(latest) if latest is not None else 0
@@ -307,8 +307,6 @@ class Trainer:
         self.strategy = build_strategy(model, info, cfg.train, cfg.optim, cfg.data.batch_size, self.bf16)
         self.model = self.strategy.model
         if info.is_main and self.strategy.ds_config is not None:
-            from phileo.fsutil import atomic_write_json
-
             atomic_write_json(self.run_dir / "deepspeed_config.json", self.strategy.ds_config)
 
         rng_state = None

@@ -1,19 +1,20 @@
 """Engine overhead: the Trainer's step time vs a bare PyTorch loop, same model, same batch, side by side.
 
-    python benchmarks/engine.py [--model phileo_cnn_tiny] [--img-size 128] [--batch-size 4] [--steps 20]
+    python benchmarks/engine.py [--model phileo_cnn_tiny] [--img-size 128] [--batch-size 4] [--steps 16]
 
 Both sides do the same work per step: two corrupted views of the batch, one forward pass on the stacked views,
 the foundation loss, backward, gradient clipping, AdamW, the LR schedule. The bare loop is that and nothing else,
 on a batch already in memory. The engine adds its DataLoader (in-memory dataset, no worker processes, so its
 cost is counted in the step), the per-step loss/flag reduction, NaN checks, timing, metrics.jsonl and TensorBoard
-(every --log-every steps), everything the real runs do except checkpoints (--checkpoint-every to include them).
+(every --log-every steps): everything the real runs do except checkpoints (--checkpoint-every to include them).
 
-A step is timed from the start of one forward pass to the start of the next, so everything between two steps
-(the engine's bookkeeping included) is inside it, both in wall-clock time and in CPU time of the process (all its
-threads: TensorBoard's writer thread counts against the engine). On a machine shared with other jobs the CPU
-time is the figure to trust: other processes stretch wall time, not the CPU work this one does. Rounds alternate
-engine and bare loop; figures are medians over all timed steps of all rounds. One process, CPU, `--threads`
-torch threads.
+Side by side means interleaved, step by step: every time the engine is about to start a step, one step of the
+bare loop (its own model copy, optimizer and schedule) runs first and is timed. The engine's step is the time
+from the start of its forward pass to the start of its next one, minus the bare step run in between, so the
+engine's bookkeeping between steps is inside it. Both are timed in wall-clock and in CPU time of the process
+(all threads: TensorBoard's writer thread counts against the engine). Interleaving makes both see the same
+machine: on a shared machine, separate runs see different loads and their ratio is noise. Figures are medians
+over all timed steps of all rounds. One process, CPU, `--threads` torch threads.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from phileo.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from phileo.train.pretrain import FoundationTask  # noqa: E402
 
 
+def now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 class MemoryPatches(Dataset):
     """`n` fixed samples in the PretrainDataset item format, held in memory (the benchmark measures the engine,
     not the storage)."""
@@ -57,64 +62,75 @@ class MemoryPatches(Dataset):
         return {"image": self.image[i], "coords": self.coords[i], "cloud_fraction": self.cloud[i]}
 
 
-class TimedTask(FoundationTask):
-    """The pretraining task on MemoryPatches, noting when each step's forward pass starts."""
+class BareLoop:
+    """The same training as a plain loop, one step per call (seeded like the engine, same ops)."""
 
     def __init__(self, cfg, dataset):
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.model = FoundationTask(cfg).build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.loss_fn = FoundationLoss(cfg.loss)
+        b = cfg.data.batch_size
+        self.batch = {k: torch.stack([dataset[i][k] for i in range(b)]) for k in ("image", "coords",
+                                                                                  "cloud_fraction")}
+        self.step_no = 0
+
+    def step(self) -> None:
+        g = torch.Generator().manual_seed(self.step_no)
+        self.step_no += 1
+        views, targets = make_views(self.batch["image"], g, erase_fraction=tuple(self.cfg.loss.erase_fraction))
+        outputs = self.model(views)
+        loss, _ = self.loss_fn(outputs, {"images": targets, "coords": self.batch["coords"],
+                                         "cloud_fraction": self.batch["cloud_fraction"]})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # a loop that never looks at its loss is not a training loop
+
+
+class InterleavedTask(FoundationTask):
+    """The pretraining task on MemoryPatches; before each engine step it runs and times one bare-loop step."""
+
+    def __init__(self, cfg, dataset, bare: BareLoop):
         super().__init__(cfg)
-        self.dataset = dataset
-        self.starts: list[tuple[float, float]] = []
+        self.dataset, self.bare = dataset, bare
+        self.engine_starts: list[tuple[float, float]] = []
+        self.bare_times: list[tuple[float, float]] = []
 
     def train_dataset(self, info):
         return self.dataset
 
     def forward(self, model, batch, ctx):
         if ctx.micro_step == 0:
-            self.starts.append((time.perf_counter(), time.process_time()))
+            t0 = now()
+            self.bare.step()
+            t1 = now()
+            self.bare_times.append((t1[0] - t0[0], t1[1] - t0[1]))
+            self.engine_starts.append(t1)
         return super().forward(model, batch, ctx)
 
+    def step_times(self) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """(engine, bare) per step as (wall s, CPU s); engine step i excludes the bare step run before i+1."""
+        engine = []
+        for i in range(len(self.engine_starts) - 1):
+            a, b, bare_next = self.engine_starts[i], self.engine_starts[i + 1], self.bare_times[i + 1]
+            engine.append((b[0] - a[0] - bare_next[0], b[1] - a[1] - bare_next[1]))
+        return engine, self.bare_times[:len(engine)]
 
-def _intervals(starts: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(wall s, CPU s) between consecutive step starts."""
-    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, starts[1:])]
 
-
-def engine_round(cfg, dataset) -> list[tuple[float, float]]:
-    task = TimedTask(cfg, dataset)
+def run_round(cfg, dataset) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    task = InterleavedTask(cfg, dataset, BareLoop(cfg, dataset))
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = apply_overrides(cfg, [f"run.dir={run_dir}"])
         task.cfg = cfg
         result = Trainer(cfg, task).fit()
         if result.status != "completed":
             raise RuntimeError(f"engine run ended {result.status}: {result.message}")
-    return _intervals(task.starts)
-
-
-def bare_round(cfg, dataset) -> list[tuple[float, float]]:
-    """The same training written as a plain loop (seeded the same way, same ops)."""
-    torch.manual_seed(cfg.train.seed)
-    task = FoundationTask(cfg)
-    model = task.build_model()
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    loss_fn = FoundationLoss(cfg.loss)
-    b = cfg.data.batch_size
-    batch = {k: torch.stack([dataset[i][k] for i in range(b)]) for k in ("image", "coords", "cloud_fraction")}
-    starts = []
-    for step in range(cfg.train.steps):
-        starts.append((time.perf_counter(), time.process_time()))
-        g = torch.Generator().manual_seed(step)
-        views, targets = make_views(batch["image"], g, erase_fraction=tuple(cfg.loss.erase_fraction))
-        outputs = model(views)
-        loss, _ = loss_fn(outputs, {"images": targets, "coords": batch["coords"],
-                                    "cloud_fraction": batch["cloud_fraction"]})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # a loop that never looks at its loss is not a training loop
-    return _intervals(starts)
+    return task.step_times()
 
 
 def _med(times: list[tuple[float, float]], which: int) -> float:
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16, help="steps per round (the first --warmup are not timed)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, OpenMP spin-waits turn contention into noise)")
     ap.add_argument("--log-every", type=int, default=10)
@@ -147,10 +163,8 @@ def main(argv=None) -> int:
     dataset = MemoryPatches(4 * args.batch_size, args.img_size)
     engine_times, bare_times = [], []
     for r in range(args.rounds):
-        # Alternate which side goes first, so a slow phase of the machine does not always hit the same one.
-        first, second = (engine_round, bare_round) if r % 2 == 0 else (bare_round, engine_round)
-        out = {first: first(cfg, dataset)[args.warmup:], second: second(cfg, dataset)[args.warmup:]}
-        e, b = out[engine_round], out[bare_round]
+        e, b = run_round(cfg, dataset)
+        e, b = e[args.warmup:], b[args.warmup:]
         engine_times += e
         bare_times += b
         print(f"round {r + 1}: engine {_med(e, 0):.1f} ms wall / {_med(e, 1):.1f} ms CPU per step, "

@@ -362,3 +362,14 @@ def test_stop_flag_only_sets_a_flag_and_restores_the_previous_handler():
         assert seen == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_cli_refuses_a_bad_config_before_touching_the_run_folder(tmp_path, capsys):
+    from phileo.train.pretrain import main
+
+    run = tmp_path / "run"
+    assert main([f"run.dir={run}"]) == 2  # no data.root
+    assert "data.root is not set" in capsys.readouterr().err
+    assert main([f"run.dir={run}", "train.stratgy=ddp"]) == 2
+    assert "Did you mean 'strategy'" in capsys.readouterr().err
+    assert not run.exists()

@@ -138,7 +138,7 @@ class TrainConfig:
     # For chaining short jobs and for tests; 0 = no limit.
     max_steps_per_launch: int = 0
     # Process-group timeout: a rank that hangs in a collective fails after this long instead of forever.
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = 900
     # Signals that ask for a checkpoint and a clean stop at the next step boundary (SLURM sends USR2 before the
     # time limit when asked with --signal, and TERM at the limit or on scancel/preemption).
     stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])

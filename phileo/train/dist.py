@@ -189,7 +189,7 @@ def choose_device(info: DistInfo, device: str = "auto") -> tuple[str, str]:
     return "cpu", "gloo"
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800, env: Mapping[str, str] | None = None,
+def init_distributed(device: str = "auto", timeout_s: int = 900, env: Mapping[str, str] | None = None,
                      force_process_group: bool = False) -> DistInfo:
     """Places this process (see module docstring), selects its device, and joins the process group.
 

@@ -95,8 +95,7 @@ class Task:
     """
 
     split = "world"
-    # Inputs to show in logs as "what one sample is" (e.g. "image (10, 128, 128)"); informational only.
-    name = "task"
+    name = "task"  # a short name for logs and hparams
 
     def build_model(self) -> nn.Module:
         """The bare model, on CPU; called after train_dataset() and after seeding with train.seed on every rank
@@ -117,7 +116,11 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, trainer: "Trainer", step: int) -> dict[str, float] | None:
-        """Called on every rank every train.eval_every_steps; returns scalars to log (e.g. {"val/loss": ...})."""
+        """Called on every rank every train.eval_every_steps; returns scalars to log (e.g. {"val/loss": ...}).
+
+        Run the model as `trainer.strategy.module` (under ZeRO-3 only the engine gathers the weights), under
+        torch.no_grad(), between trainer.model.eval() and trainer.model.train(); reduce metrics over ranks
+        (phileo.train.dist.all_reduce_) so every rank returns the same values and should_stop() agrees."""
         return None
 
     def should_stop(self) -> bool:
@@ -338,7 +341,8 @@ class Trainer:
                              "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
                              "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
                              "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
-                             "seed": cfg.train.seed, "parameters": n_params, **self.task.hparams()},
+                             "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name,
+                             **self.task.hparams()},
                             ["loss/total"])
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,

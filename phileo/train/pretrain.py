@@ -84,11 +84,8 @@ class FoundationTask(Task):
     def train_dataset(self, info: DistInfo) -> Dataset:
         from phileo.data import PretrainDataset
 
-        root = Path(self.cfg.data.root)
-        if not self.cfg.data.root:
-            raise ConfigError("data.root is not set: point it at the folder holding manifest.json written by "
-                              "preprocess/majortom_to_h5.py (data.root=/path/to/shards, or --data with the launcher)")
-        dataset = PretrainDataset(root, node_rank=info.node_rank, num_nodes=info.num_nodes,
+        _require_data_root(self.cfg)
+        dataset = PretrainDataset(Path(self.cfg.data.root), node_rank=info.node_rank, num_nodes=info.num_nodes,
                                   patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
         self.aux_targets = {t for t in AUX_HEADS if t in dataset[0]} if len(dataset) else set()
         return dataset
@@ -123,6 +120,12 @@ class FoundationTask(Task):
         return {"model": self.cfg.model.name, "patch_size": self.cfg.data.patch_size}
 
 
+def _require_data_root(cfg: PretrainConfig) -> None:
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set: point it at the folder holding manifest.json written by "
+                          "preprocess/majortom_to_h5.py (data.root=/path/to/shards, or --data with the launcher)")
+
+
 def run_pretraining(cfg: PretrainConfig, info: DistInfo | None = None) -> TrainResult:
     """Runs (or resumes, or finds finished) the pretraining described by `cfg` in this process.
 
@@ -133,6 +136,7 @@ def run_pretraining(cfg: PretrainConfig, info: DistInfo | None = None) -> TrainR
     from phileo.config import validate
 
     validate(cfg)
+    _require_data_root(cfg)  # before anything is created in run.dir
     return Trainer(cfg, FoundationTask(cfg), info).fit()
 
 
@@ -173,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    result = run_pretraining(cfg)
+    try:
+        result = run_pretraining(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{result.status} at step {result.step} (final loss {result.final_loss}) in {result.run_dir}"
           + (f": {result.message}" if result.message else ""), file=sys.stderr)
     return 1 if result.status == "failed" else 0

@@ -28,10 +28,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slur
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-STEPS = 30
+# Long enough that, after the limit is cut, SLURM's USR2 (sent by its periodic time-limit check, up to ~30 s
+# later) still finds the job training on an idle machine (~0.5 s/step); 30 steps finished first there.
+STEPS = 80
 TRAIN_ARGS = ["--site", "local", "--model", "phileo_cnn_tiny", "--steps", str(STEPS), "--batch-size", "2",
               "optim.warmup_steps=2", "run.log_every_steps=1", "run.image_every_steps=0",
-              "checkpoint.every_steps=10", "data.num_workers=0"]
+              "checkpoint.every_steps=20", "data.num_workers=0"]
 
 
 def _launch(script: str, *args: str, **kw) -> subprocess.CompletedProcess:

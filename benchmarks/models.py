@@ -1,7 +1,8 @@
 """Forward+backward throughput, peak memory and FLOPs of the PhilEO models, eager vs torch.compile, side by side.
 
-    PYTHONPATH=. python benchmarks/models.py                    # CPU defaults: tiny models + 44M U-Net (~5 min, 2 cores)
-    PYTHONPATH=. python benchmarks/models.py --table-only       # models table: parameters and GFLOPs (seconds, no compute)
+    PYTHONPATH=. python benchmarks/models.py --threads 1    # CPU defaults: tiny models + 44M U-Net, eager and
+                                                            # compile_blocks (~2 min warm, ~6 min cold, 2 cores)
+    PYTHONPATH=. python benchmarks/models.py --table-only   # models table: parameters, GFLOPs (no compute)
     PYTHONPATH=. python benchmarks/models.py --device cuda --models all --downstream --dtype bf16 --channels-last
 
 One training step = forward, a loss touching every output, backward (no optimizer: it is model-independent).
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CNN/transformer block compiled, minutes on a 2-core CPU), 'model' (torch.compile of the\n"
                         "whole model, ~5 min for the tiny U-Net on 2 cores), or 'none' (default: CPU blocks,\n"
                         "GPU blocks,model)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (default CPU fp32, GPU bf16)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="bf16 = autocast (default CPU fp32, GPU bf16)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -264,7 +266,8 @@ def models_table() -> tuple[str, list[dict]]:
                      "downstream_params": down.num_params(), "downstream_gflops": down.flops_per_sample() / 1e9,
                      "published_downstream_gflops": PUBLISHED_GFLOPS.get(f"{name}:downstream")})
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    lines = ["| model | parameters | fwd GFLOPs/sample | published | fine-tuning model | its parameters | its GFLOPs | published |",
+    lines = ["| model | parameters | fwd GFLOPs/sample | published | fine-tuning model | its parameters "
+             "| its GFLOPs | published |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         kind = "U-Net, 11 out" if r["model"].startswith("phileo_cnn") else "ViT-UPerNet, 11 out"
@@ -276,7 +279,8 @@ def models_table() -> tuple[str, list[dict]]:
 
 
 def results_table(rows: list[dict]) -> str:
-    lines = ["| model | batch | mode | samples/s | step ms | weights MiB | step mem MiB | fwd GFLOPs/sample | achieved GFLOP/s | first call s |",
+    lines = ["| model | batch | mode | samples/s | step ms | weights MiB | step mem MiB | fwd GFLOPs/sample "
+             "| achieved GFLOP/s | first call s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"

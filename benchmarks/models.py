@@ -1,21 +1,26 @@
 """Forward+backward throughput, peak memory and FLOPs of the PhilEO models, eager vs torch.compile, side by side.
 
-    PYTHONPATH=. python benchmarks/models.py                    # CPU defaults: tiny models + 44M U-Net (~5 min, 2 cores)
-    PYTHONPATH=. python benchmarks/models.py --table-only       # models table: parameters and GFLOPs (seconds, no compute)
+    PYTHONPATH=. python benchmarks/models.py --threads 1    # CPU defaults: tiny models + 44M U-Net, eager and
+                                                            # compile_blocks (~2 min warm, ~6 min cold, 2 cores)
+    PYTHONPATH=. python benchmarks/models.py --table-only   # models table: parameters, GFLOPs (no compute)
     PYTHONPATH=. python benchmarks/models.py --device cuda --models all --downstream --dtype bf16 --channels-last
 
 One training step = forward, a loss touching every output, backward (no optimizer: it is model-independent).
 FLOPs/sample are forward FLOPs counted by torch.utils.flop_counter (2 per multiply-add; see docs/models.md);
 achieved FLOP/s use the usual 3× forward for forward+backward. Step memory = peak during one step minus the
 memory held before it (weights; gradients are freed before each step), i.e. activations + gradients: CUDA
-max_memory_allocated on GPU; on CPU the peak RSS (Linux /proc, peak reset per step), with glibc told to return
-large blocks to the OS (MALLOC_MMAP_THRESHOLD_, set by re-executing the script) so that RSS follows live memory.
-CPU timings on a shared machine are noisy: eager and compiled steps are interleaved so their ratio is fair.
+max_memory_allocated on GPU; on CPU the peak RSS (Linux /proc, peak reset per step) of one extra, untimed step
+during which glibc is told (mallopt) to serve and return large blocks with mmap, so that RSS follows live memory;
+timed steps run with large blocks kept in the heap, as a normal training process does.
+CPU timings on a shared machine are noisy: eager and compiled steps are interleaved so their ratio is fair, and
+with other processes running use --threads 1 (OpenMP barriers with a descheduled thread cost 10-30x).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -47,10 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samples per step (default: CPU 4 for tiny models, 2 otherwise; GPU 16)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default CPU 3, GPU 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default CPU 1, GPU 5)")
-    p.add_argument("--compile", default=None, choices=["none", "tiny", "all"],
-                   help="which models also run under torch.compile (default: CPU tiny, GPU all); inductor\n"
-                        "compilation takes minutes per model on a 2-core CPU")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (default CPU fp32, GPU bf16)")
+    p.add_argument("--compile", default=None,
+                   help="compiled modes besides eager, comma-separated: 'blocks' (model.compile_blocks(): each\n"
+                        "CNN/transformer block compiled, minutes on a 2-core CPU), 'model' (torch.compile of the\n"
+                        "whole model, ~5 min for the tiny U-Net on 2 cores), or 'none' (default: CPU blocks,\n"
+                        "GPU blocks,model)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="bf16 = autocast (default CPU fp32, GPU bf16)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -68,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown model(s) {unknown}; choose from {list_models()}")
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.compile = args.compile or ("all" if gpu else "tiny")
+    args.compile = args.compile or ("blocks,model" if gpu else "blocks")
+    args.compile = [] if args.compile == "none" else [c.strip() for c in args.compile.split(",")]
+    if set(args.compile) - {"blocks", "model"}:
+        p.error(f"--compile takes 'blocks', 'model' or 'none', got {args.compile}")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     return args
 
@@ -83,6 +94,34 @@ def _proc_status_bytes(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+class GlibcMalloc:
+    """Switches glibc between serving large blocks from the heap (fast, RSS never drops) and from mmap (freed
+    blocks go back to the OS, so peak RSS measures live memory). No-op where glibc is not available."""
+
+    M_MMAP_THRESHOLD = -3
+
+    def __init__(self):
+        try:
+            self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self.available = hasattr(self.libc, "mallopt") and hasattr(self.libc, "malloc_trim")
+        except OSError:
+            self.available = False
+
+    def set_mmap_threshold(self, nbytes: int) -> None:
+        if self.available:
+            self.libc.mallopt(ctypes.c_int(self.M_MMAP_THRESHOLD), ctypes.c_int(nbytes))
+            self.libc.malloc_trim(ctypes.c_size_t(0))
+
+    def heap_mode(self) -> None:
+        self.set_mmap_threshold(32 << 20)  # glibc's own ceiling for its dynamic threshold (64-bit)
+
+    def measure_mode(self) -> None:
+        self.set_mmap_threshold(128 << 10)  # glibc's initial threshold
+
+
+MALLOC = GlibcMalloc()
 
 
 class PeakMemory:
@@ -112,7 +151,7 @@ class PeakMemory:
             self.kind = "cuda_max_allocated_growth"
         else:
             hwm = _proc_status_bytes("VmHWM")
-            ok = self.resettable and hwm is not None and self.rss_before is not None
+            ok = self.resettable and hwm is not None and self.rss_before is not None and MALLOC.available
             self.peak_bytes = hwm - self.rss_before if ok else None
             self.kind = "cpu_peak_rss_growth" if ok else "unavailable"
 
@@ -141,44 +180,60 @@ def benchmark_one(name: str, downstream: bool, args) -> list[dict]:
     device = torch.device(args.device)
     tiny = name.endswith("_tiny")
     batch = args.batch_size or (16 if device.type == "cuda" else (4 if tiny else 2))
-    build = (lambda: create_downstream_model(name, 11)) if downstream else (lambda: create_model(name))
-    torch.manual_seed(0)
-    model = build().to(device).train()
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+
+    def build():
+        torch.manual_seed(0)  # every mode gets the same weights
+        m = create_downstream_model(name, 11) if downstream else create_model(name)
+        m = m.to(device).train()
+        if args.grad_checkpointing:
+            m.set_grad_checkpointing(True)
+        return m.to(memory_format=torch.channels_last) if args.channels_last else m
+
+    model = build()
     x = torch.rand(batch, 10, 128, 128, device=device) * 0.6
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     flops = model.flops_per_sample()
     label = f"{name}:downstream" if downstream else name
 
-    modes = {"eager": model}
-    if args.compile == "all" or (args.compile == "tiny" and tiny):
-        modes["compiled"] = torch.compile(model)
-    steps = {m: step_fn(mod, x, args.dtype) for m, mod in modes.items()}
+    # mode -> (callable, module holding the parameters); compile(model) wraps the eager module itself,
+    # compile(blocks) compiles the blocks of a second instance in place.
+    modes = {"eager": (model, model)}
+    if "blocks" in args.compile:
+        regional = build().compile_blocks()
+        modes["compile(blocks)"] = (regional, regional)
+    if "model" in args.compile:
+        modes["compile(model)"] = (torch.compile(model), model)
+    steps = {m: step_fn(fn, x, args.dtype) for m, (fn, _) in modes.items()}
     first_s = {}
-    for mode, step in steps.items():  # first call (compilation for the compiled model), then warm-up
+    for mode, step in steps.items():  # first call (compilation for the compiled modes), then warm-up
         t0 = time.perf_counter()
         step()
         sync(device)
         first_s[mode] = time.perf_counter() - t0
         for _ in range(args.warmup):
             step()
-        model.zero_grad(set_to_none=True)
+        modes[mode][1].zero_grad(set_to_none=True)
     times = {m: [] for m in modes}
-    peaks = {}
     for i in range(args.steps):  # interleaved so that load changes on a shared machine hit both modes alike
         for mode, step in steps.items():
-            model.zero_grad(set_to_none=True)
-            with PeakMemory(device) as mem:
-                sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                times[mode].append(time.perf_counter() - t0)
-            peaks[mode] = max(peaks.get(mode) or 0, mem.peak_bytes or 0) if mem.peak_bytes is not None else None
-            mem_kind = mem.kind
+            modes[mode][1].zero_grad(set_to_none=True)
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[mode].append(time.perf_counter() - t0)
+    peaks, mem_kind = {}, None
+    for mode, step in steps.items():  # one untimed step per mode for memory
+        for _, holder in modes.values():  # only this mode's gradients may be alive
+            holder.zero_grad(set_to_none=True)
+        if device.type == "cpu":
+            MALLOC.measure_mode()
+        with PeakMemory(device) as mem:
+            step()
+        if device.type == "cpu":
+            MALLOC.heap_mode()
+        peaks[mode], mem_kind = mem.peak_bytes, mem.kind
     rows = []
     for mode in modes:
         step_s = statistics.median(times[mode])
@@ -211,7 +266,8 @@ def models_table() -> tuple[str, list[dict]]:
                      "downstream_params": down.num_params(), "downstream_gflops": down.flops_per_sample() / 1e9,
                      "published_downstream_gflops": PUBLISHED_GFLOPS.get(f"{name}:downstream")})
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    lines = ["| model | parameters | fwd GFLOPs/sample | published | fine-tuning model | its parameters | its GFLOPs | published |",
+    lines = ["| model | parameters | fwd GFLOPs/sample | published | fine-tuning model | its parameters "
+             "| its GFLOPs | published |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         kind = "U-Net, 11 out" if r["model"].startswith("phileo_cnn") else "ViT-UPerNet, 11 out"
@@ -223,7 +279,8 @@ def models_table() -> tuple[str, list[dict]]:
 
 
 def results_table(rows: list[dict]) -> str:
-    lines = ["| model | batch | mode | samples/s | step ms | weights MiB | step mem MiB | fwd GFLOPs/sample | achieved GFLOP/s | first call s |",
+    lines = ["| model | batch | mode | samples/s | step ms | weights MiB | step mem MiB | fwd GFLOPs/sample "
+             "| achieved GFLOP/s | first call s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
@@ -234,18 +291,9 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _reexec_with_returning_malloc() -> None:
-    # glibc keeps freed heap memory in the process (RSS never drops) unless large blocks are mmapped; a fixed
-    # threshold must be set before the process starts, hence the re-exec. No effect on timings to speak of.
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.table_only and not args.device.startswith("cuda") and argv is None:
-        _reexec_with_returning_malloc()
+    MALLOC.heap_mode()
     if args.threads:
         torch.set_num_threads(args.threads)
     table, table_rows = models_table()
@@ -255,7 +303,8 @@ def main(argv=None) -> int:
         return 0
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
            "cpu_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+           "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     print(f"\n## Forward+backward ({json.dumps(env)}; dtype {args.dtype}, channels_last {args.channels_last}, "
           f"grad_checkpointing {args.grad_checkpointing}, {args.steps} timed steps, median)\n", flush=True)
     rows = []
@@ -266,6 +315,9 @@ def main(argv=None) -> int:
             for r in new:
                 print(f"  {r['model']} {r['mode']}: {r['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
     print(results_table(rows))
+    if hasattr(os, "getloadavg"):
+        print(f"\nload average (1 min) at start {env['load_average_1min']:.1f}, at end {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs")
     if args.out:
         atomic_write_json(args.out, {"env": env, "args": {k: str(v) for k, v in vars(args).items()},
                                      "models": table_rows, "results": rows})

@@ -208,3 +208,19 @@ def test_inductor_compiles_cnn_block_forward_backward():
     x.grad = None
     block(x).square().mean().backward()
     torch.testing.assert_close(grad_compiled, x.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+def test_compile_blocks_keeps_parameter_names_and_function(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    names = list(model.state_dict())
+    x = reflectance()
+    with torch.no_grad():
+        ref = model(x)
+        model.compile_blocks(backend="aot_eager", fullgraph=True)
+        out = model(x)
+    assert list(model.state_dict()) == names  # checkpoints stay in the published layout
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-5)

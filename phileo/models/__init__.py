@@ -40,7 +40,8 @@ PRETRAINING_OUTPUTS = ("reconstruction", "embedding", "coords", "clouds", "build
 __all__ = [
     "PRETRAINING_OUTPUTS",
     "PhilEOModel", "count_forward_flops",
-    "CheckpointMismatchError", "LoadReport", "guess_model_name", "load_pretrained", "load_state_dict_checked", "read_state_dict",
+    "CheckpointMismatchError", "LoadReport", "guess_model_name", "load_pretrained", "load_state_dict_checked",
+    "read_state_dict",
     "save_published", "strip_wrapper_prefixes",
     "PhilEOCNN", "PhilEOCNNConfig", "PhilEOCNNDownstream", "PhilEOViT", "PhilEOViTConfig", "PhilEOViTUPerNet",
     "UPerNetHead",

@@ -88,7 +88,7 @@ class ScaleSkip2D(nn.Module):
 
 
 class SEBlock(nn.Module):
-    """Squeeze-and-excitation (reduction 16): global mean → Linear → GELU → Linear → Sigmoid → channel-wise gate.
+    """Squeeze-and-excitation (reduction 16): global mean → Linear → GELU → Linear → Sigmoid → channel gate.
 
     Parameter names `excitation.0.weight`, `excitation.2.weight` as published (the GELU and Sigmoid sit at 1 and 3).
     """
@@ -137,8 +137,8 @@ class CNNBlock(nn.Module):
     """The PhilEO residual CNN block, tied to one spatial size by its (C, H, W) LayerNorms.
 
     identity = matcher(x) (1×1 conv, only when c_in != c_out) else x;
-    x → conv1 1×1 → norm1 → act → conv2 3×3 (replicate padding) → norm2 → act → conv3 1×1 (+bias) → squeeze (SE)
-      → scaler(x, identity) → activation_out.
+    x → conv1 1×1 → norm1 → act → conv2 3×3 (replicate padding) → norm2 → act → conv3 1×1 (+bias)
+      → squeeze (SE) → scaler(x, identity) → activation_out.
 
     Takes channels_in, channels_out, the spatial size (height, width), the activation module and an optional
     different output activation (the reconstruction heads use Sigmoid; downstream heads use Identity).
@@ -292,6 +292,7 @@ def conv_out_hw(img_size: int, factor: int) -> int:
 
 
 __all__ = [
-    "ACTIVATIONS", "make_activation", "ChwLayerNorm", "ScaleSkip2D", "SEBlock", "ReplicateConv2d", "CNNBlock", "Attention", "Mlp",
+    "ACTIVATIONS", "make_activation", "ChwLayerNorm", "ScaleSkip2D", "SEBlock", "ReplicateConv2d", "CNNBlock",
+    "Attention", "Mlp",
     "TransformerBlock", "run_blocks", "sincos_pos_embed_2d", "xavier_init_linear_and_norm", "conv_out_hw",
 ]

@@ -149,7 +149,8 @@ def _read_deepspeed_dir(ckpt_dir: Path, tag: str, allow_pickle: bool) -> tuple[d
     return sd, step
 
 
-def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str, int | None]:
+def read_state_dict(path: str | os.PathLike,
+                    allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str, int | None]:
     """Reads the state dict from any accepted source (see module docstring), wrapper prefixes stripped.
 
     Returns (state_dict, format, step or None). Refuses paths that do not exist or hold no state dict, with a

@@ -151,7 +151,7 @@ class FoundationViTEncoder(nn.Module):
 
 
 class FoundationViTDecoder(nn.Module):
-    """Transformer decoder on all tokens → norm → drop CLS → (D, h, w) → 1×1 conv → bilinear resize to img_size."""
+    """Transformer blocks on all tokens → norm → drop CLS → (D, h, w) → 1×1 conv → bilinear resize."""
 
     def __init__(self, cfg: PhilEOViTConfig):
         super().__init__()

@@ -88,8 +88,8 @@ def _upsample_steps(channels: int, steps: int) -> nn.Sequential:
 
 class ViTPyramid(nn.Module):
     """Turns four ViT hidden states (grid g×g, D channels) into a 4-level pyramid for UPerNet:
-    fpn1: 2 × (ConvTranspose 2×2 s2 + BN + ReLU) → D/4 at 4g; fpn2: one step → D/2 at 2g; fpn3: BN + ReLU → D at g;
-    fpn4: 2×2 max-pool → D at g/2."""
+    fpn1: 2 × (ConvTranspose 2×2 s2 + BN + ReLU) → D/4 at 4g; fpn2: one step → D/2 at 2g;
+    fpn3: BN + ReLU → D at g; fpn4: 2×2 max-pool → D at g/2."""
 
     def __init__(self, embed_dim: int):
         super().__init__()

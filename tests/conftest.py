@@ -54,6 +54,16 @@ def _cluster_unavailable_reason() -> str | None:
     return None
 
 
+def _controller_alive(cluster_dir: Path) -> bool:
+    """A slurmctld of an earlier up.sh still runs (a leftover slurm.conf alone does not count)."""
+    try:
+        pid = int((cluster_dir / "run" / "slurmctld.pid").read_text())
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return state != "Z"
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The dev SLURM cluster (PHILEO_TEST_NODES nodes, default 4), SLURM_CONF exported for the session."""
@@ -63,7 +73,7 @@ def slurm_cluster():
             pytest.fail(f"PHILEO_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
     cluster_dir = Path(os.environ.get("PHILEO_DEV_CLUSTER_DIR", "/tmp/phileo-dev-cluster"))
-    was_running = (cluster_dir / "slurm.conf").exists()
+    was_running = _controller_alive(cluster_dir)
     proc = subprocess.run([str(DEV_CLUSTER / "up.sh"), "--nodes", str(CLUSTER_NODES)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:

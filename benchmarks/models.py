@@ -6,7 +6,7 @@
     PYTHONPATH=. python benchmarks/models.py --device cuda --models all --downstream --dtype bf16 --channels-last
 
 One training step = forward, a loss touching every output, backward (no optimizer: it is model-independent).
-FLOPs/sample are forward FLOPs counted by torch.utils.flop_counter (2 per multiply-add; see docs/models.md);
+FLOPs/sample are forward FLOPs counted by torch.utils.flop_counter (2 per multiply-add; see README.md, "Models");
 achieved FLOP/s use the usual 3× forward for forward+backward. Step memory = peak during one step minus the
 memory held before it (weights; gradients are freed before each step), i.e. activations + gradients: CUDA
 max_memory_allocated on GPU; on CPU the peak RSS (Linux /proc, peak reset per step) of one extra, untimed step

@@ -5,7 +5,7 @@
         --n-shot 100 --data $WORK/phileo_bench --init $WORK/weights/phileo_cnn_44m.pt
     python jobs/launch_finetune.py --cluster local --task roads --n-shot 50 --data bench train.max_epochs=2 --wait
 
-All flags: --help; see docs/launch.md.
+All flags: --help; see README.md, "Launching jobs".
 """
 
 import os

@@ -5,7 +5,7 @@
         --out $WORK/majortom/shards --tasks 64 --train-nodes 16 --time 08:00:00
     python jobs/launch_preprocess.py --cluster local --source src --out shards --tasks 2 --cells-per-chunk 2
 
-Unknown flags are passed to preprocess/majortom_to_h5.py. All flags: --help; see docs/launch.md.
+Unknown flags are passed to preprocess/majortom_to_h5.py. All flags: --help; see README.md, "Launching jobs".
 """
 
 import os

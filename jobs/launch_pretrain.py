@@ -6,7 +6,7 @@
     python jobs/launch_pretrain.py --cluster local --gpus-per-node 2 --data shards --steps 50 --wait
     python jobs/launch_pretrain.py --resume RUN_DIR
 
-All flags: --help. The work is done by phileo.launch.pretrain; see docs/launch.md.
+All flags: --help. The work is done by phileo.launch.pretrain; see README.md, "Launching jobs".
 """
 
 import os

@@ -6,7 +6,7 @@
     sbatch --array=0-63 --wrap "python preprocess/majortom_to_h5.py --source DIR --out DIR --nodes N --array"
     python preprocess/majortom_to_h5.py --out DIR --nodes N --merge
 
-All options: --help. The work is done by phileo.data.convert; see docs/preprocess.md.
+All options: --help. The work is done by phileo.data.convert; see README.md, "Preprocessing MajorTOM".
 """
 
 import sys

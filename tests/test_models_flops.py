@@ -67,7 +67,7 @@ def test_flops_scale_with_batch_and_are_per_sample():
 
 # Published forward GFLOPs per 128×128 sample (shared/reference/ARCHITECTURE.md). The ViT-UPerNet figure is
 # reproduced to 1 %; the U-Net figures are 6 % (200M) and 15 % (44M) above ours: our count covers all
-# convolutions and matmuls, the remainder does not scale like any of them (see docs/models.md), so the
+# convolutions and matmuls, the remainder does not scale like any of them (see README.md, "Models"), so the
 # tolerance documents the gap rather than hides a convention change (which would be a factor ~2).
 PUBLISHED_GFLOPS = [
     (lambda: create_downstream_model("phileo_vit_100m", 11), 388.5, 0.02),

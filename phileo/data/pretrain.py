@@ -1,6 +1,6 @@
 """PretrainDataset: 128 px training patches from the converter's HDF5 chunk files, one node's share at a time.
 
-On disk (schema 1, see docs/preprocess.md): each chunk file holds N cells with `bands_10m` uint16
+On disk (schema 1, see README.md, "Preprocessing MajorTOM"): each chunk file holds N cells with `bands_10m` uint16
 (N, 4, 1068, 1068), `bands_20m` uint16 (N, 6, 534, 534), `cloud_mask` uint8 (N, 1068, 1068),
 `nodata_count_20m` uint8 (N, 534, 534) and per-cell metadata under `cells/` (grid_cell, product_id, timestamp,
 crs, geotransform, …). A patch reads only its window: 4 × 128² px at 10 m, 6 × 66² px at 20 m (64 plus a

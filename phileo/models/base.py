@@ -1,6 +1,6 @@
 """What every PhilEO model reports about itself: parameter count and forward FLOPs per sample.
 
-FLOP convention (the one that reproduces the published figures, see docs/models.md): FLOPs are counted by
+FLOP convention (the one that reproduces the published figures, see README.md, "Models"): FLOPs are counted by
 `torch.utils.flop_counter.FlopCounterMode`, i.e. 2 FLOPs per multiply-accumulate of every convolution, transposed
 convolution, matrix multiply and attention product, and nothing for norms, activations, pooling, padding or
 interpolation. One forward pass of one (input_dim, img_size, img_size) sample. The count is taken on the `meta`

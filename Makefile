@@ -34,8 +34,14 @@ test: venv
 test-fast: venv
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
 
+# SLURM=1: the same stages as SLURM jobs on the local dev cluster (started here if needed; needs root).
 demo: venv
-	DS_ACCELERATOR=cpu $(PY) jobs/demo.py --out $(DEMO_DIR) $(if $(filter 1,$(SLURM)),--cluster slurm,--cluster local)
+ifeq ($(SLURM),1)
+	eval "$$(slurm/dev-cluster/up.sh --nodes 4 | tail -n 1)" && \
+	  DS_ACCELERATOR=cpu $(PY) jobs/demo.py --out $(DEMO_DIR) --cluster slurm
+else
+	DS_ACCELERATOR=cpu $(PY) jobs/demo.py --out $(DEMO_DIR) --cluster local
+endif
 
 bench: venv
 	DS_ACCELERATOR=cpu $(PY) benchmarks/run_all.py

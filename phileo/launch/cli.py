@@ -99,6 +99,36 @@ def print_report(report: PreflightReport, file=None) -> None:
         print("preflight: all checks passed", file=file)
 
 
+def finish_dry_run(report: PreflightReport) -> int:
+    """Ends a --dry-run printout with the preflight report; the exit status says whether it would be submitted."""
+    print("# ---- preflight ----")
+    print_report(report)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def print_job_dry_run(plan: Any, cluster: str, site: SiteProfile, cfg: Any, config_path: Path,
+                      report: PreflightReport) -> int:
+    """--dry-run of a single job: the exact batch script, the resolved config, the preflight report."""
+    import yaml
+
+    from phileo.config import to_dict
+
+    print(f"# ---- batch script ({cluster}, site {site.name}) ----")
+    print(plan.script(), end="")
+    print(f"# ---- resolved config (would be written to {config_path}) ----")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return finish_dry_run(report)
+
+
+def refused_by_preflight(report: PreflightReport) -> Optional[int]:
+    """Prints the preflight report (stderr); returns EXIT_REFUSED when it failed, None when the job may go."""
+    print_report(report, file=sys.stderr)
+    if report.ok:
+        return None
+    print("nothing was submitted.", file=sys.stderr)
+    return EXIT_REFUSED
+
+
 def refuse(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_REFUSED
@@ -109,4 +139,5 @@ def tensorboard_line(run_dir: Path) -> str:
 
 
 __all__ = ["EXIT_OK", "EXIT_JOB_FAILED", "EXIT_REFUSED", "ConfigError", "add_site_args", "add_resource_args",
-           "add_run_args", "pick_site", "resources_from_args", "print_report", "refuse", "tensorboard_line"]
+           "add_run_args", "pick_site", "resources_from_args", "print_report", "finish_dry_run", "print_job_dry_run",
+           "refused_by_preflight", "refuse", "tensorboard_line"]

@@ -108,16 +108,9 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
         report.problems += check_local_request(res)
     plan = make_plan(cluster, site, res, run_dir / "logs")
     if args.dry_run:
-        print(f"# ---- batch script ({cluster}, site {site.name}) ----")
-        print(plan.script(), end="")
-        print(f"# ---- resolved config (would be written to {run_dir / 'config.yaml'}) ----")
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print("# ---- preflight ----")
-        cli.print_report(report)
-        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
-    cli.print_report(report, file=sys.stderr)
-    if not report.ok:
-        return cli.EXIT_REFUSED
+        return cli.print_job_dry_run(plan, cluster, site, cfg, run_dir / "config.yaml", report)
+    if (refused := cli.refused_by_preflight(report)) is not None:
+        return refused
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     job = submit(plan, FinetuneJob(to_dict(cfg), max_requeues=res.max_requeues))
@@ -221,12 +214,9 @@ def _launch_sweep(args: argparse.Namespace) -> int:
             else:
                 print(f"# (the same script with --array=0-{len(group) - 1}%{min(parallel, len(group))} and "
                       f"--dependency=afterany:<array {k}>)")
-        print("# ---- preflight ----")
-        cli.print_report(report)
-        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
-    cli.print_report(report, file=sys.stderr)
-    if not report.ok:
-        return cli.EXIT_REFUSED
+        return cli.finish_dry_run(report)
+    if (refused := cli.refused_by_preflight(report)) is not None:
+        return refused
 
     out.mkdir(parents=True, exist_ok=True)
     all_jobs: list[Any] = []

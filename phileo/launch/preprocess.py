@@ -114,13 +114,9 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
         for i, c in enumerate(cmds["tasks"]):
             print(f"task {i}: " + " ".join(c))
         print("merge:  " + " ".join(cmds["merge"]))
-        print("# ---- preflight ----")
-        cli.print_report(report)
-        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
-    cli.print_report(report, file=sys.stderr)
-    if not report.ok:
-        print("nothing was submitted.", file=sys.stderr)
-        return cli.EXIT_REFUSED
+        return cli.finish_dry_run(report)
+    if (refused := cli.refused_by_preflight(report)) is not None:
+        return refused
 
     log_dir.mkdir(parents=True, exist_ok=True)
     if cluster == "local":

@@ -177,17 +177,9 @@ def _launch(args: argparse.Namespace) -> int:
     plan = make_plan(cluster, site, res, run_dir / "logs")
 
     if args.dry_run:
-        print(f"# ---- batch script ({cluster}, site {site.name}) ----")
-        print(plan.script(), end="")
-        print(f"# ---- resolved config (would be written to {run_dir / CONFIG_FILE}) ----")
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print("# ---- preflight ----")
-        cli.print_report(report)
-        return cli.EXIT_OK if report.ok else cli.EXIT_REFUSED
-    cli.print_report(report, file=sys.stderr)
-    if not report.ok:
-        print("nothing was submitted.", file=sys.stderr)
-        return cli.EXIT_REFUSED
+        return cli.print_job_dry_run(plan, cluster, site, cfg, run_dir / CONFIG_FILE, report)
+    if (refused := cli.refused_by_preflight(report)) is not None:
+        return refused
 
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)

@@ -10,7 +10,7 @@ device (shapes only), so it costs milliseconds and no memory even for the 300M m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -97,3 +97,22 @@ class PhilEOModel(nn.Module):
 
 
 __all__ = ["count_forward_flops", "PhilEOModel"]
+
+
+class PhilEODownstreamModel(PhilEOModel):
+    """A fine-tuning model: a pretrained part (`encoder_modules()`: stem + encoder) and a part trained from the
+    task (everything else), so fine-tuners can freeze, probe or give the two parts different learning rates."""
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.stem, self.encoder]
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the pretrained part (stem + encoder)."""
+        for m in self.encoder_modules():
+            yield from m.parameters()
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained from the task (decoder / neck and head)."""
+        enc = {id(p) for p in self.encoder_parameters()}
+        return (p for p in self.parameters() if id(p) not in enc)
+

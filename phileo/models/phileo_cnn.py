@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from phileo.models.base import PhilEOModel
+from phileo.models.base import PhilEODownstreamModel, PhilEOModel
 from phileo.models.blocks import (
     ChwLayerNorm,
     CNNBlock,
@@ -226,7 +226,7 @@ class PhilEOCNN(PhilEOModel):
         return {"embedding": embedding, "bottleneck": bottleneck, "decoded": self.decoder(embedding, skips)}
 
 
-class PhilEOCNNDownstream(PhilEOModel):
+class PhilEOCNNDownstream(PhilEODownstreamModel):
     """PhilEO CNN encoder-decoder for dense fine-tuning (roads / buildings: 1 value, land cover: 11 logits).
 
     Same `stem`, `encoder` (without the pretraining heads) and `decoder` as PhilEOCNN, so pretrained weights load by
@@ -259,19 +259,6 @@ class PhilEOCNNDownstream(PhilEOModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.encoder.cfg = self.decoder.cfg = self.config
-
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.stem, self.encoder]
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the pretrained encoder part (stem + encoder)."""
-        for m in self.encoder_modules():
-            yield from m.parameters()
-
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters trained from the task (decoder + head)."""
-        enc = {id(p) for p in self.encoder_parameters()}
-        return (p for p in self.parameters() if id(p) not in enc)
 
     def set_encoder_frozen(self, frozen: bool = True) -> None:
         """Freezes (or unfreezes) stem + encoder: requires_grad off, so they get no gradients and no updates."""

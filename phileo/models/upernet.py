@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phileo.models.base import PhilEOModel
+from phileo.models.base import PhilEODownstreamModel, PhilEOModel
 from phileo.models.blocks import CNNBlock, make_activation
 from phileo.models.phileo_vit import FoundationViTEncoder, PhilEOViTConfig
 
@@ -110,7 +110,7 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
     return tuple(depth * k // 4 - 1 for k in (1, 2, 3, 4))
 
 
-class PhilEOViTUPerNet(PhilEOModel):
+class PhilEOViTUPerNet(PhilEODownstreamModel):
     """ViT-UPerNet for dense fine-tuning: PhilEO ViT stem + encoder, ViTPyramid, UPerNetHead.
 
     forward(x: (B, input_dim, S, S)) returns (B, num_outputs, S, S) raw logits/values (the pyramid's finest level
@@ -150,19 +150,6 @@ class PhilEOViTUPerNet(PhilEOModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.encoder.vit_encoder.cfg = self.config
-
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.stem, self.encoder]
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the pretrained part (stem + ViT encoder, the frozen pos_embed included)."""
-        for m in self.encoder_modules():
-            yield from m.parameters()
-
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters trained from the task (pyramid neck + UPerNet)."""
-        enc = {id(p) for p in self.encoder_parameters()}
-        return (p for p in self.parameters() if id(p) not in enc)
 
     def set_encoder_frozen(self, frozen: bool = True) -> None:
         """Freezes (or unfreezes) stem + encoder; pos_embed stays frozen either way (it is a fixed table)."""

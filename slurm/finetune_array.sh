@@ -46,6 +46,8 @@ PYTHON=${PHILEO_PYTHON:-python}
 MAX_REQUEUES=${PHILEO_MAX_REQUEUES:-3}
 export PYTHONPATH=${PHILEO_REPO:-$SUBMIT_DIR}${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Rank variables exported from the submitting shell would override srun's (and clash on MASTER_PORT).
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE NODE_RANK MASTER_ADDR MASTER_PORT
 # Without it srun gives each task one CPU and the DataLoader workers share it.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export HF_HUB_OFFLINE=1

@@ -94,6 +94,17 @@ def slurm_cluster():
         subprocess.run([str(DEV_CLUSTER / "down.sh")], capture_output=True, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """In-process training (init_distributed) exports RANK, WORLD_SIZE ... for DeepSpeed; a later test's
+    subprocesses and SLURM jobs would inherit them. Every test gets the environment it started with back."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def submitit_folder(tmp_path):
     """A fresh submitit folder per test: job ids restart at 1 after `slurmctld -c`."""

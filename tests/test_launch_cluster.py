@@ -98,7 +98,11 @@ def pretrain_runs(tmp_path_factory, shards):
         [PY, str(REPO / "jobs/launch_pretrain.py"), *common, "--run-dir", str(requeued), "--job-name", "requeue",
          "--signal-delay-s", "90", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight")
+        # Submitted from a shell with another launcher's rank variables left in it (sbatch exports them): the
+        # job must still take its ranks from srun, not run as two world-size-1 jobs in one folder.
+        stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+        first = _launch("launch_pretrain.py", *common, "--run-dir", str(straight), "--job-name", "straight",
+                        env={**os.environ, **stale})
         assert first.returncode == 0, first.stderr
         straight_id = _job_id(first.stdout)
         deadline = time.monotonic() + 300

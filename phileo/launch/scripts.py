@@ -46,6 +46,11 @@ def job_environment(site: SiteProfile, extra_env: Optional[dict[str, str]] = Non
     return env
 
 
+# Rank variables of other launchers (torchrun, our local mode) that must not leak into a SLURM job.
+STALE_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                   "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -> list[str]:
     """Shell lines run by the batch script before srun: the site's module/conda lines, then exports.
 
@@ -53,6 +58,9 @@ def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -
     quotes, backticks and `$(`); `extra_env` values come from the launcher and are quoted with shlex.
     """
     lines = list(site.setup)
+    # sbatch exports the submitting shell's environment: rank variables left there (an earlier torchrun, a
+    # notebook) would make every task think it is alone. Each task's rank comes from srun's SLURM_* variables.
+    lines.append(f"unset {' '.join(STALE_RANK_VARS)}")
     lines.append("# srun (SLURM >= 22.05) does not inherit --cpus-per-task; without this, workers share one core")
     lines.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"')
     for k, v in site.env.items():

@@ -67,8 +67,6 @@ def converter(source: Path, out: Path, cells_per_chunk: int) -> tuple[float, flo
 
 def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
     """CPU ms per cell of the converter's steps beyond the floor, each timed alone on the same cells."""
-    import hashlib
-
     import h5py
 
     from phileo.data import convert as conv
@@ -108,7 +106,7 @@ def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
                 d10[i], d20[i], dm[i] = b10[i], b20[i], c.cloud_mask
 
     timed(f"HDF5 write ({cfg.compression})", write)
-    timed("sha256 of the chunk file", lambda: hashlib.sha256(path.read_bytes()).hexdigest())
+    timed(f"{conv.CHECKSUM_ALGORITHM} of the chunk file", lambda: conv.file_checksum(path))
 
     def checks():
         for i, c in enumerate(cells):

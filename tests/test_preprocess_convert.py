@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import h5py
@@ -103,7 +104,7 @@ def test_manifest_describes_chunks_nodes_and_statistics(tmp_path_factory):
     assert m.patch_size == 128 and m.max_patch_nodata == 0.1
     assert "10000" in m.raw["normalisation"]["served"]
     for c in m.chunks:
-        assert hashlib.sha256(m.chunk_path(c).read_bytes()).hexdigest() == c.checksum.split(":")[1]
+        assert c.checksum == f"crc32:{zlib.crc32(m.chunk_path(c).read_bytes()):08x}"
         assert c.n_cells >= 1 and m.chunk_path(c).stat().st_size == c.bytes
     nodes = m.assignment["nodes"]
     assert m.assignment["num_nodes"] == 2 and sorted(sum(nodes, [])) == [c.index for c in m.chunks]
@@ -267,6 +268,32 @@ def test_array_task_index_comes_from_slurm_variables():
 
 
 @pytest.mark.slow
+def test_file_checksum_and_verify_accept_crc32_and_older_sha256_manifests(tmp_path_factory, tmp_path):
+    f = tmp_path / "blob"
+    data = np.random.default_rng(0).integers(0, 256, size=(3 << 20) + 17, dtype=np.uint8).tobytes()
+    f.write_bytes(data)  # spans several read blocks, the last one partial
+    assert conv.file_checksum(f) == f"crc32:{zlib.crc32(data):08x}"
+    assert conv.file_checksum(f, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert conv.checksum_matches(f, conv.file_checksum(f, "sha256")) and conv.checksum_matches(f, conv.file_checksum(f))
+    assert not conv.checksum_matches(f, "crc32:00000000") and not conv.checksum_matches(f, "md4:00")
+    with pytest.raises(ValueError, match="unknown checksum"):
+        conv.file_checksum(f, "md4")
+    out = tmp_path / "out"
+    shutil.copytree(converted(tmp_path_factory, "parquet"), out)
+    assert conv.verify_chunks(out) == []
+    doc = json.loads((out / "manifest.json").read_text())
+    first = doc["chunks"][0]
+    first["checksum"] = conv.file_checksum(out / first["path"], "sha256")  # as an older converter wrote it
+    (out / "manifest.json").write_text(json.dumps(doc))
+    assert conv.verify_chunks(out) == []
+    with open(out / first["path"], "r+b") as fh:  # one flipped byte, same size
+        fh.seek(fh.seek(0, 2) // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 1]))
+    assert conv.verify_chunks(out) == [first["path"]]
+
+
 def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):
     src = parquet_source(tmp_path_factory)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

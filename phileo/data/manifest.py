@@ -25,7 +25,8 @@ MANIFEST_NAME = "manifest.json"
 
 @dataclass(frozen=True)
 class ChunkInfo:
-    """One chunk file: `path` relative to the manifest's folder, its cells, and a checksum ('sha256:<hex>')."""
+    """One chunk file: `path` relative to the manifest's folder, its cells, and a checksum of the whole file
+    ('crc32:<8 hex>'; 'sha256:<64 hex>' in manifests from before the converter switched to crc32)."""
 
     index: int
     path: str

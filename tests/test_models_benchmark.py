@@ -1,4 +1,4 @@
-"""benchmarks/models.py runs and reports what it claims (the figures themselves live in benchmarks/models.md)."""
+"""benchmarks/models.py runs and reports what it claims (the figures themselves live in benchmarks/README.md)."""
 
 from __future__ import annotations
 

@@ -227,15 +227,28 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file",
+                      error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Reads a YAML file that must hold a mapping (an empty file is {}); raises `error` naming the file when it
+    is missing, not YAML, or not a mapping."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {p} must be a mapping (key: value lines), not a {type(data).__name__}")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) -> T:
     """Reads a YAML config written by save_config (or by hand), applies overrides, validates."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    data = read_yaml_mapping(p)
     try:
         cfg = from_dict(cls, data)
     except ConfigError as e:

@@ -70,3 +70,21 @@ def test_yaml_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  lrr: 1\n")
     with pytest.raises(ConfigError, match="bad.yaml.*Did you mean 'lr'"):
         load_config(Job, tmp_path / "bad.yaml")
+
+
+def test_read_yaml_mapping_names_the_file_and_the_problem(tmp_path):
+    from phileo.config import read_yaml_mapping
+
+    class SweepLikeError(ValueError):
+        pass
+
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml_mapping(tmp_path / "empty.yaml") == {}
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        read_yaml_mapping(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(SweepLikeError, match="sweep file .*bad.yaml is not valid YAML"):
+        read_yaml_mapping(tmp_path / "bad.yaml", what="sweep file", error=SweepLikeError)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml must be a mapping"):
+        read_yaml_mapping(tmp_path / "list.yaml")

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 
-from phileo.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import FinetuneJob, SweepTaskJob
@@ -75,11 +74,7 @@ def build_finetune_config(args: argparse.Namespace, run_dir: Path) -> Any:
     cls = _finetune_config_class()
     data = to_dict(cls())
     if args.config:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {args.config}") from None
-        data = _deep_merge(data, loaded)
+        data = _deep_merge(data, read_yaml_mapping(args.config))
     cfg = from_dict(cls, data)
     flags = {k: getattr(args, f) for f, k in FINETUNE_FLAG_KEYS.items() if getattr(args, f) is not None}
     if "data.root" in flags:

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 
-from phileo.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.jobs import PretrainJob
 from phileo.launch.preflight import PreflightReport, preflight
@@ -84,15 +83,7 @@ def build_config(args: argparse.Namespace, run_dir: Path, num_workers: Optional[
     if num_workers is not None and base_file is None:
         data = _deep_merge(data, {"data": {"num_workers": num_workers}})
     if base_file is not None:
-        try:
-            loaded = yaml.safe_load(Path(base_file).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {base_file}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {base_file} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {base_file} must be a mapping of sections")
-        data = _deep_merge(data, loaded)
+        data = _deep_merge(data, read_yaml_mapping(base_file))
     try:
         cfg = from_dict(cls, data)
     except ConfigError as e:

@@ -49,9 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
-from phileo.config import ConfigError, apply_overrides
+from phileo.config import ConfigError, apply_overrides, read_yaml_mapping
 from phileo.fsutil import atomic_write_json, atomic_write_text, read_json
 
 # Grid axis -> config key it sets.
@@ -145,14 +144,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parses and checks a sweep file. Refuses unknown top-level keys, empty or repeated grid values, duplicate
     model labels, overrides that set a grid axis, and overrides FinetuneConfig does not accept."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    doc = read_yaml_mapping(path, what="sweep file", error=SweepError)
     unknown = sorted(set(doc) - set(SWEEP_KEYS))
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {unknown}; a sweep file has {', '.join(SWEEP_KEYS)}")

@@ -45,6 +45,7 @@ from phileo.data.bench import (IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, B
 from phileo.fsutil import atomic_write_json, make_group_readable, read_json
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
+from phileo.train.cli import add_config_args, run_config_job
 from phileo.train.bench_metrics import RegressionMetrics, SegmentationMetrics
 from phileo.train.engine import Task, Trainer, TrainResult
 from phileo.train.finetune_config import FinetuneConfig
@@ -450,29 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Overrides are key=value, e.g. data.root=/data/phileo-downstream data.task=lc data.n_shot=100 "
                "model.name=phileo_vit_100m model.init=/weights/phileo_vit_100m.pt model.freeze_encoder=true "
                "optim.lr=1e-4 run.dir=$SCRATCH/ft/run1. Keys: see phileo/train/finetune_config.py.")
-    parser.add_argument("--config", help="YAML job config (sections model, data, finetune, optim, train, "
-                                         "checkpoint, run)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_config_args(parser, "model, data, finetune, optim, train, checkpoint, run")
     args = parser.parse_args(argv)
-    try:
-        cfg = build_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    try:
-        result = run_finetuning(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{result.status}: {result.run_dir}" + (f" ({result.message})" if result.message else ""),
-          file=sys.stderr)
-    return {"completed": 0, "preempted": EXIT_PREEMPTED}.get(result.status, 1)
+    return run_config_job(
+        lambda: build_config(args.config, args.overrides), run_finetuning, args.print_config,
+        summary=lambda r: f"{r.status}: {r.run_dir}" + (f" ({r.message})" if r.message else ""),
+        exit_status=lambda r: {"completed": 0, "preempted": EXIT_PREEMPTED}.get(r.status, 1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from phileo.config import ConfigError, apply_overrides, load_config
+from phileo.train.cli import add_config_args, run_config_job
 from phileo.train.config import PretrainConfig
 from phileo.train.dist import DistInfo
 from phileo.train.engine import StepContext, Task, Trainer, TrainResult
@@ -160,31 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Pretrain a PhilEO model on HDF5 shards (DDP or DeepSpeed ZeRO; resumes from run.dir).",
         epilog="Overrides are key=value, e.g. model.name=phileo_vit_100m train.strategy=zero2 data.batch_size=16 "
                "train.steps=100000 optim.lr=3e-5 run.dir=$SCRATCH/runs/vit. Keys: see phileo/train/config.py.")
-    parser.add_argument("--config", help="YAML job config (sections model, data, loss, optim, train, checkpoint, run)")
+    add_config_args(parser, "model, data, loss, optim, train, checkpoint, run")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its config.yaml")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = build_config(args.config, args.resume, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        from phileo.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    try:
-        result = run_pretraining(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{result.status} at step {result.step} (final loss {result.final_loss}) in {result.run_dir}"
-          + (f": {result.message}" if result.message else ""), file=sys.stderr)
-    return 1 if result.status == "failed" else 0
+    return run_config_job(
+        lambda: build_config(args.config, args.resume, args.overrides), run_pretraining, args.print_config,
+        summary=lambda r: (f"{r.status} at step {r.step} (final loss {r.final_loss}) in {r.run_dir}"
+                           + (f": {r.message}" if r.message else "")),
+        exit_status=lambda r: 1 if r.status == "failed" else 0)
 
 
 if __name__ == "__main__":

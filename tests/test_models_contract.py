@@ -45,10 +45,12 @@ def meta_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+# The contract tests below read the copies in tests/data; this one checks the copies against the originals in
+# the project's shared/reference when a checkout has it beside it (CI does; a lone clone does not).
+@pytest.mark.skipif(shared_reference_dir() is None,
+                    reason="shared/reference not present beside the repo and PHILEO_SHARED not set")
 def test_contract_copies_match_shared_reference():
     ref_dir = shared_reference_dir()
-    if ref_dir is None:
-        pytest.skip("shared/reference not present beside the repo and PHILEO_SHARED not set")
     for name in PUBLISHED:
         assert (DATA / f"{name}.state_dict.json").read_bytes() == (ref_dir / f"{name}.state_dict.json").read_bytes()
 

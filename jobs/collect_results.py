@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from phileo.train.results import rerun_hint, write_outputs  # noqa: E402
-from phileo.train.sweep import format_array_spec  # noqa: E402
+from phileo.bench.results import rerun_hint, write_outputs  # noqa: E402
+from phileo.bench.sweep import format_array_spec  # noqa: E402
 
 
 def main(argv=None) -> int:

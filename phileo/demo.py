@@ -6,7 +6,7 @@ checkpoint just trained) -> jobs/collect_results.py. Every stage runs through th
 runs, as a subprocess, with `--cluster local` (no SLURM) or `--cluster slurm --site local` (the dev cluster).
 
 Nothing is downloaded: the MajorTOM cells and the PhilEO Bench patches are generated (phileo.data.synthetic,
-phileo.data.bench_synthetic). A stage whose output exists is reused, so re-running finishes quickly; `--fresh`
+phileo.bench.synthetic). A stage whose output exists is reused, so re-running finishes quickly; `--fresh`
 starts over. The CI test runs this with fewer steps (tests/test_demo.py).
 """
 
@@ -193,7 +193,7 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
         if (paths["bench"] / ".complete").exists():
             st.skip(str(paths["bench"]))
         else:
-            from phileo.data.bench_synthetic import make_bench_data
+            from phileo.bench.synthetic import make_bench_data
             files = make_bench_data(paths["bench"], patch_size=128, patches_per_file=4, val_patches_per_file=2,
                                     train_tiles=1, test_tiles=1, seed=0)
             (paths["bench"] / ".complete").write_text(f"{len(files)} files\n")

@@ -3,7 +3,7 @@
 #
 #   sbatch -A ACCOUNT -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh        # the default sweep (360 tasks)
 #   sbatch ... --array=17 slurm/finetune_array.sh                                    # re-run one task alone
-#   sbatch ... --array=$(python -m phileo.train.sweep array SWEEP --out DIR) \
+#   sbatch ... --array=$(python -m phileo.bench.sweep array SWEEP --out DIR) \
 #          --export=ALL,PHILEO_SWEEP=SWEEP,PHILEO_SWEEP_DIR=DIR slurm/finetune_array.sh   # only unfinished tasks
 #   python jobs/collect_results.py DIR                                               # table + plots
 #
@@ -60,7 +60,7 @@ echo "[$(date -Is)] array task $SLURM_ARRAY_TASK_ID of ${SLURM_ARRAY_JOB_ID:-?} 
      "sweep $SWEEP -> $SWEEP_DIR (restart ${SLURM_RESTART_COUNT:-0})"
 
 status=0
-srun --kill-on-bad-exit=1 "$PYTHON" -m phileo.train.sweep run "$SWEEP" \
+srun --kill-on-bad-exit=1 "$PYTHON" -m phileo.bench.sweep run "$SWEEP" \
   --index "$SLURM_ARRAY_TASK_ID" --out "$SWEEP_DIR" || status=$?
 
 if [ "$status" -eq 75 ]; then

@@ -9,10 +9,10 @@ import pickle
 import numpy as np
 import pytest
 
-from phileo.data import bench
-from phileo.data.bench import (IGNORE_INDEX, BenchDataError, BenchDataset, load_or_create_nshot_index,
+from phileo.bench import data as bench
+from phileo.bench.data import (IGNORE_INDEX, BenchDataError, BenchDataset, load_or_create_nshot_index,
                                scan_bench_files, select_nshot, worldcover_to_class)
-from phileo.data.bench_synthetic import make_bench_data
+from phileo.bench.synthetic import make_bench_data
 
 
 @pytest.fixture(scope="module")

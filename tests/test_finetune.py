@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from phileo.config import ConfigError, apply_overrides
-from phileo.data.bench import BenchDataset, worldcover_to_class
-from phileo.data.bench_synthetic import make_bench_data
-from phileo.train.finetune import FinetuneConfig, resolve_init, run_finetuning
+from phileo.bench.data import BenchDataset, worldcover_to_class
+from phileo.bench.synthetic import make_bench_data
+from phileo.bench.finetune import FinetuneConfig, resolve_init, run_finetuning
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -187,7 +187,7 @@ def test_ddp_over_two_processes(data, tmp_path):
     pixel count is the full test set's, and only rank 0 writes the result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
-           "-m", "phileo.train.finetune", f"data.root={data}", "data.task=lc", "data.n_shot=4", "data.batch_size=2",
+           "-m", "phileo.bench.finetune", f"data.root={data}", "data.task=lc", "data.n_shot=4", "data.batch_size=2",
            "data.num_workers=0", "model.name=phileo_cnn_tiny", f"model.overrides={{img_size: {SIZE}}}",
            "finetune.max_epochs=2", f"run.dir={tmp_path / 'run'}", "run.tensorboard=false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phileo.train.bench_metrics import IGNORE_INDEX, RegressionMetrics, SegmentationMetrics
+from phileo.bench.metrics import IGNORE_INDEX, RegressionMetrics, SegmentationMetrics
 
 
 def test_regression_perfect_predictor():

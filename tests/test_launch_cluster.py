@@ -279,7 +279,7 @@ def test_sweep_as_job_arrays_split_at_max_array_size(tmp_path):
     """Three fine-tuning tasks with MaxArraySize 2: two arrays, the second after the first (afterany)."""
     import yaml
 
-    from phileo.data.bench_synthetic import make_bench_data
+    from phileo.bench.synthetic import make_bench_data
 
     bench = tmp_path / "bench"
     make_bench_data(bench, regions=("europe", "japan"), patches_per_file=4, val_patches_per_file=2, patch_size=32)

@@ -78,7 +78,7 @@ def test_launch_finetune_runs_one_fine_tuning_locally(tmp_path):
     import subprocess
     import sys
 
-    from phileo.data.bench_synthetic import make_bench_data
+    from phileo.bench.synthetic import make_bench_data
 
     bench = tmp_path / "bench"
     make_bench_data(bench, regions=("europe", "japan"), patches_per_file=4, val_patches_per_file=2, patch_size=32)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phileo.train import sweep as sw
-from phileo.train.results import collect_results, write_outputs
-from phileo.train.sweep import (EXIT_PREEMPTED, SweepError, array_range, expand_sweep, format_array_spec,
+from phileo.bench import sweep as sw
+from phileo.bench.results import collect_results, write_outputs
+from phileo.bench.sweep import (EXIT_PREEMPTED, SweepError, array_range, expand_sweep, format_array_spec,
                                 pending_indices, run_sweep_task, task_dir, task_finished)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_array_script_range_matches_the_default_sweep():
 
 def test_cli_prints_count_and_array_range(tmp_path):
     path = _sweep_file(tmp_path, max_parallel=3)
-    out = subprocess.run([sys.executable, "-m", "phileo.train.sweep", "array", str(path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "phileo.bench.sweep", "array", str(path)], capture_output=True,
                          text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "0-15%3"
     assert sw.main(["count", str(path)]) == 0
@@ -106,7 +106,7 @@ def test_environment_variables_are_expanded_when_a_task_runs(tmp_path, monkeypat
 
 
 class FakeFinetune:
-    """Stands in for phileo.train.finetune: writes result.json with metrics chosen per task, or fails."""
+    """Stands in for phileo.bench.finetune: writes result.json with metrics chosen per task, or fails."""
 
     def __init__(self, metrics_for=None, fail_for=(), preempt_for=()):
         self.calls = []
@@ -131,7 +131,7 @@ class FakeFinetune:
 def fake(monkeypatch):
     def install(**kw):
         f = FakeFinetune(**kw)
-        monkeypatch.setitem(sys.modules, "phileo.train.finetune",
+        monkeypatch.setitem(sys.modules, "phileo.bench.finetune",
                             types.SimpleNamespace(run_finetuning=f.run_finetuning))
         return f
     monkeypatch.setenv("BENCH_ROOT", "/data/bench")

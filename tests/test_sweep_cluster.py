@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phileo.data.bench_synthetic import make_bench_data
+from phileo.bench.synthetic import make_bench_data
 from phileo.launch.slurm import sbatch, wait_for_job_id
 from phileo.train import checkpoint as ckpt_io
-from phileo.train.sweep import expand_sweep, task_dir, task_finished
+from phileo.bench.sweep import expand_sweep, task_dir, task_finished
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 

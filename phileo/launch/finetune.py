@@ -41,7 +41,7 @@ FINETUNE_FLAG_KEYS = {
 
 
 def _finetune_config_class():
-    from phileo.train.finetune_config import FinetuneConfig
+    from phileo.bench.config import FinetuneConfig
 
     return FinetuneConfig
 
@@ -122,7 +122,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch_sweep.py",
                                 description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
                                             "split only where the site's MaxArraySize demands it.")
-    p.add_argument("sweep", help="sweep file (see phileo.train.sweep), e.g. slurm/sweeps/phileo_bench.yaml")
+    p.add_argument("sweep", help="sweep file (see phileo.bench.sweep), e.g. slurm/sweeps/phileo_bench.yaml")
     cli.add_site_args(p)
     cli.add_resource_args(p)
     g = p.add_argument_group("sweep")
@@ -159,7 +159,7 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_sweep(args: argparse.Namespace) -> int:
-    from phileo.train.sweep import SweepError, expand_sweep, load_sweep, task_finished
+    from phileo.bench.sweep import SweepError, expand_sweep, load_sweep, task_finished
 
     sweep_path = Path(args.sweep).absolute()
     try:

@@ -184,10 +184,10 @@ class PretrainJob(TrainingJob):
 
 
 class FinetuneJob(TrainingJob):
-    """`phileo.train.finetune.run_finetuning(FinetuneConfig)` as a requeueing submitit job (one fine-tuning run)."""
+    """`phileo.bench.finetune.run_finetuning(FinetuneConfig)` as a requeueing submitit job (one fine-tuning run)."""
 
-    ENTRY = "phileo.train.finetune:run_finetuning"
-    CONFIG_CLASS = "phileo.train.finetune_config:FinetuneConfig"
+    ENTRY = "phileo.bench.finetune:run_finetuning"
+    CONFIG_CLASS = "phileo.bench.config:FinetuneConfig"
 
     def __init__(self, config: dict[str, Any], max_requeues: int = 10, requeue_count: int = 0,
                  entry: Optional[str] = None, config_class: Optional[str] = None):
@@ -199,7 +199,7 @@ class FinetuneJob(TrainingJob):
 
 
 class SweepTaskJob(RequeueOnPreemption):
-    """Task `index` of a sweep (phileo.train.sweep.run_sweep_task) as one element of a job array.
+    """Task `index` of a sweep (phileo.bench.sweep.run_sweep_task) as one element of a job array.
 
     Takes the sweep file, the task's index in the expanded grid, the sweep folder, `max_requeues` and
     `requeue_count`. The index travels with the job (not through SLURM_ARRAY_TASK_ID), so an array made of only
@@ -217,7 +217,7 @@ class SweepTaskJob(RequeueOnPreemption):
                                 f"{self.out_dir}): finished tasks are skipped")
 
     def run(self) -> Any:
-        from phileo.train.sweep import run_sweep_task
+        from phileo.bench.sweep import run_sweep_task
 
         return run_sweep_task(self.sweep_path, self.index, self.out_dir)
 

@@ -1,16 +1,16 @@
 """Fine-tuning a PhilEO model on a PhilEO Bench task with the n-shot protocol, on the training engine.
 
-    python -m phileo.train.finetune data.root=/data/phileo-downstream data.task=roads data.n_shot=100 \
+    python -m phileo.bench.finetune data.root=/data/phileo-downstream data.task=roads data.n_shot=100 \
         model.name=phileo_cnn_44m model.init=/weights/phileo_cnn_44m.pt run.dir=$SCRATCH/ft/cnn44m_roads_100
-    python -m phileo.train.finetune --config ft.yaml [key=value ...]
-    srun --ntasks-per-node=4 python -m phileo.train.finetune ...      # DDP over 4 GPUs (or torchrun)
+    python -m phileo.bench.finetune --config ft.yaml [key=value ...]
+    srun --ntasks-per-node=4 python -m phileo.bench.finetune ...      # DDP over 4 GPUs (or torchrun)
 
 Tasks: roads and building (1 output, MSE), lc (11 WorldCover classes, cross-entropy ignoring no-data pixels).
 The same Trainer as pretraining runs the loop, so checkpoints, resume, the pre-timeout signal (a checkpoint and
 status "preempted"), TensorBoard (loss/total, lr, perf/..., val/loss, test/<metric>) and the run folder layout
 are the same. On top of it:
 
-- the n-shot training and validation patches come from the saved selection (phileo.data.bench);
+- the n-shot training and validation patches come from the saved selection (phileo.bench.data);
 - the validation loss is measured every finetune.val_every_epochs; the weights with the lowest one are kept
   (inside every checkpoint, so a requeued run keeps them) and training stops early after
   finetune.patience_epochs epochs without improvement;
@@ -41,14 +41,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from phileo.config import ConfigError, apply_overrides, load_config, to_dict, validate
-from phileo.data.bench import (IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, BenchSplits, nshot_datasets)
+from phileo.bench.data import (IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, BenchSplits, nshot_datasets)
 from phileo.fsutil import atomic_write_json, make_group_readable, read_json
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
 from phileo.train.cli import add_config_args, run_config_job
-from phileo.train.bench_metrics import RegressionMetrics, SegmentationMetrics
+from phileo.bench.metrics import RegressionMetrics, SegmentationMetrics
 from phileo.train.engine import Task, Trainer, TrainResult
-from phileo.train.finetune_config import FinetuneConfig
+from phileo.bench.config import FinetuneConfig
 from phileo.train.signals import StopFlag, ignore_signals
 
 log = logging.getLogger("phileo.train")
@@ -446,11 +446,11 @@ def build_config(config_path: str | None, overrides: Sequence[str]) -> FinetuneC
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m phileo.train.finetune",
+        prog="python -m phileo.bench.finetune",
         description="Fine-tune a PhilEO model on a PhilEO Bench task (n-shot protocol; resumes from run.dir).",
         epilog="Overrides are key=value, e.g. data.root=/data/phileo-downstream data.task=lc data.n_shot=100 "
                "model.name=phileo_vit_100m model.init=/weights/phileo_vit_100m.pt model.freeze_encoder=true "
-               "optim.lr=1e-4 run.dir=$SCRATCH/ft/run1. Keys: see phileo/train/finetune_config.py.")
+               "optim.lr=1e-4 run.dir=$SCRATCH/ft/run1. Keys: see phileo/bench/config.py.")
     add_config_args(parser, "model, data, finetune, optim, train, checkpoint, run")
     args = parser.parse_args(argv)
     return run_config_job(

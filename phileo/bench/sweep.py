@@ -25,11 +25,11 @@ Sweep folder (`--out`): `sweep.yaml` (copy of the file) and `sweep.json` (the ex
 task; `tasks/00017/` is task 17's run folder (config, checkpoints, TensorBoard, `result.json` when finished,
 `failed.json` with the traceback when it failed). A folder that holds a different grid is refused, since the
 indices would no longer mean the same runs. A finished task (result.json) is skipped when run again, so a sweep
-is resumed by submitting it again, or only its unfinished indices (`python -m phileo.train.sweep array SWEEP
+is resumed by submitting it again, or only its unfinished indices (`python -m phileo.bench.sweep array SWEEP
 --out DIR`).
 
-CLI:  python -m phileo.train.sweep run SWEEP.yaml --out DIR [--index I]   (I defaults to $SLURM_ARRAY_TASK_ID)
-      python -m phileo.train.sweep list SWEEP.yaml | count SWEEP.yaml | array SWEEP.yaml [--out DIR]
+CLI:  python -m phileo.bench.sweep run SWEEP.yaml --out DIR [--index I]   (I defaults to $SLURM_ARRAY_TASK_ID)
+      python -m phileo.bench.sweep list SWEEP.yaml | count SWEEP.yaml | array SWEEP.yaml [--out DIR]
 Exit status of `run`: 0 finished (or already finished), 75 preempted before the time limit (checkpoint saved:
 requeue it), 1 failed.
 """
@@ -109,7 +109,7 @@ class Sweep:
 def _as_list(doc: dict, key: str, path: Path, convert) -> list:
     value = doc.get(key)
     if value is None:
-        raise SweepError(f"{path}: '{key}' is missing; give a list (see phileo.train.sweep)")
+        raise SweepError(f"{path}: '{key}' is missing; give a list (see phileo.bench.sweep)")
     if not isinstance(value, list):
         value = [value]
     if not value:
@@ -183,7 +183,7 @@ def expand_sweep(path: str | os.PathLike) -> list[TaskSpec]:
 
     Each task's overrides are checked against FinetuneConfig (SweepError naming the model and key otherwise).
     """
-    from phileo.train.finetune_config import FinetuneConfig
+    from phileo.bench.config import FinetuneConfig
 
     sweep = load_sweep(path)
     specs = []
@@ -317,7 +317,7 @@ def _global_rank() -> int:
 
 def build_task_config(spec: TaskSpec, run_dir: str | os.PathLike):
     """The FinetuneConfig of one task: its overrides with ${VAR} expanded, run.dir set to `run_dir`."""
-    from phileo.train.finetune_config import FinetuneConfig
+    from phileo.bench.config import FinetuneConfig
 
     overrides = {k: expand_env(v, f"sweep task {spec.index} key {k}") for k, v in spec.overrides.items()}
     overrides["run.dir"] = str(run_dir)
@@ -346,7 +346,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
     specs = expand_sweep(sweep_path)
     if not 0 <= int(index) < len(specs):
         raise SweepError(f"array task index {index} is outside sweep {sweep_path} (tasks 0..{len(specs) - 1}); "
-                         f"the --array range must match the sweep (python -m phileo.train.sweep array {sweep_path})")
+                         f"the --array range must match the sweep (python -m phileo.bench.sweep array {sweep_path})")
     spec = specs[int(index)]
     run_dir = task_dir(out_dir, index)
     rank0 = _global_rank() == 0
@@ -362,7 +362,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         atomic_write_json(run_dir / SPEC_FILE, {**spec.to_dict(), "sweep": str(Path(sweep_path).resolve())})
     try:
         cfg = build_task_config(spec, run_dir)
-        from phileo.train.finetune import run_finetuning
+        from phileo.bench.finetune import run_finetuning
 
         print(f"sweep task {index}: {spec.name} -> {run_dir}", flush=True)
         result = run_finetuning(cfg)
@@ -396,7 +396,7 @@ def _write_failure(run_dir: Path, spec: TaskSpec, error: BaseException) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phileo.train.sweep", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m phileo.bench.sweep", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run", help="run one array task of a sweep")
     p_run.add_argument("sweep", type=Path)

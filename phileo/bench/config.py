@@ -1,6 +1,6 @@
 """The fine-tuning job config: the engine's sections with the reference recipe as defaults, plus epochs.
 
-Kept apart from phileo.train.finetune so that sweep expansion (on a login node, before anything is submitted)
+Kept apart from phileo.bench.finetune so that sweep expansion (on a login node, before anything is submitted)
 can check every array task's overrides without importing the models or building anything.
 
 Sections: model, data, finetune (epochs, early stopping), and the engine's optim, train, checkpoint, run

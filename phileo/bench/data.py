@@ -495,11 +495,11 @@ class BenchSplits:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m phileo.data.bench {scan,nshot} ROOT ...: what is in a bench folder; draw n-shot indices ahead."""
+    """python -m phileo.bench.data {scan,nshot} ROOT ...: what is in a bench folder; draw n-shot indices ahead."""
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m phileo.data.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m phileo.bench.data", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_scan = sub.add_parser("scan", help="count files and patches per task and split, list what is skipped")
     p_scan.add_argument("root", type=Path)

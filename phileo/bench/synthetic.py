@@ -2,7 +2,7 @@
 
 Writes `{region}_{tile}_{split}_s2.npy` (N, S, S, 10) uint16 reflectance x10000 and the `_label_roads`,
 `_label_building` (float32 densities 0-1) and `_label_lc` (uint8 WorldCover codes) files beside them, exactly as
-phileo.data.bench reads them. Tiles that are multiples of 10 are test tiles (as in the published split); every
+phileo.bench.data reads them. Tiles that are multiples of 10 are test tiles (as in the published split); every
 other tile has a train and a val file.
 
 The labels are functions of the image, so fine-tuning can learn them: each pixel is a mixture of vegetation,
@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from phileo.data.bench import NUM_BANDS, REGIONS, label_name
+from phileo.bench.data import NUM_BANDS, REGIONS, label_name
 from phileo.fsutil import atomic_path
 
 # Reflectance x10000 in the bench band order B02 B03 B04 B08 B05 B06 B07 B8A B11 B12.

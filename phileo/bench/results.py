@@ -1,6 +1,6 @@
 """Gathering a sweep's results: a CSV of every run, a Markdown table and metric-vs-n-shot plots.
 
-Reads the sweep folder written by phileo.train.sweep (sweep.json = the grid, tasks/NNNNN/result.json per
+Reads the sweep folder written by phileo.bench.sweep (sweep.json = the grid, tasks/NNNNN/result.json per
 finished task, failed.json per failed one) and writes, into the sweep folder unless told otherwise:
 
 - results.csv: one row per array task (index, model, task, n_shot, lr, seed, status, best validation loss,
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from phileo.fsutil import atomic_path, atomic_write_text, read_json
-from phileo.train.sweep import FAILED_FILE, RESULT_FILE, SPEC_FILE, format_array_spec, task_dir
+from phileo.bench.sweep import FAILED_FILE, RESULT_FILE, SPEC_FILE, format_array_spec, task_dir
 
 # Metric shown first for each task (the paper's), and whether lower is better.
 PRIMARY_METRIC = {"roads": "rmse", "building": "rmse", "lc": "overall_accuracy"}

@@ -250,8 +250,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
         candidates, expected = dict(state_dict), list(model_sd)
 
     fitting: dict[str, torch.Tensor] = {}
+    never_used = _unused_in_forward(model)
     for key in expected:
-        if key not in candidates:
+        if key not in candidates and key in never_used:
+            report.initialised.append(key)  # e.g. one-block stages' scalers, absent from older checkpoints
+        elif key not in candidates:
             report.missing.append(key)
         elif tuple(candidates[key].shape) != tuple(model_sd[key].shape):
             report.mismatched.append((key, tuple(candidates[key].shape), tuple(model_sd[key].shape)))
@@ -300,15 +303,45 @@ def _mismatch_message(model: nn.Module, path, report: LoadReport, strict: bool,
         lines.append(f"  shape mismatches ({len(report.mismatched)}, checkpoint vs model): "
                      + show(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in report.mismatched))
     guess = guess_model_name(checkpoint_shapes)
+    build = None if guess else _build_call_for(model, checkpoint_shapes)
     if guess:
         lines.append(f"  the checkpoint has exactly the layout of {guess!r}: build that model "
                      f"(create_model({guess!r}) or create_downstream_model({guess!r}, ...)) and load again")
+    elif build:
+        lines.append(f"  the checkpoint is a PhilEO CNN of another configuration: build it with {build} "
+                     f"(or the same overrides in create_downstream_model) and load again")
     else:
         lines.append("  fix: build the model with the checkpoint's configuration (see list_models() and the "
                      "overrides of create_model), or check that the file is the checkpoint you meant")
     if strict and report.loaded:
         lines.append("  or pass strict=False to load only the tensors that fit (the rest stays as initialised)")
     return "\n".join(lines)
+
+
+def _unused_in_forward(model: nn.Module) -> set[str]:
+    from phileo.models.phileo_cnn import unused_parameter_names
+
+    return unused_parameter_names(model)
+
+
+def _build_call_for(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """`create_model(NAME, overrides...)` that builds a PhilEO CNN of the checkpoint's configuration, relative to
+    the model's own preset (or phileo_cnn_44m); None when the shapes are no PhilEO CNN's or differ otherwise."""
+    from phileo.models.phileo_cnn import PhilEOCNNConfig, infer_config
+    from phileo.models.registry import get_model_config
+
+    found = infer_config(dict(shapes))
+    if found is None:
+        return None
+    name = getattr(model, "model_name", None)
+    base = get_model_config(name) if name else None
+    if not isinstance(base, PhilEOCNNConfig):
+        name, base = "phileo_cnn_44m", get_model_config("phileo_cnn_44m")
+    fields = ("input_dim", "depths", "dims", "img_size", "latent_dim")
+    diffs = {f: getattr(found, f) for f in fields if getattr(found, f) != getattr(base, f)}
+    if not diffs:
+        return None
+    return f"create_model({name!r}, " + ", ".join(f"{k}={v!r}" for k, v in diffs.items()) + ")"
 
 
 def guess_model_name(shapes: Mapping[str, tuple[int, ...]]) -> str | None:

@@ -70,11 +70,52 @@ class PhilEOCNNConfig:
         return self.input_dim if self.output_dim is None else self.output_dim
 
 
-def _stage_scaler(channels: int, depth: int) -> nn.Module:
-    # A one-block stage never uses its block scaler; the reference still creates it, but an unused parameter makes
-    # DDP fail (find_unused_parameters=False), so such stages get a parameter-free placeholder. All published
-    # configs have depth > 1 everywhere, so their state dicts are unaffected.
-    return ScaleSkip2D(channels) if depth > 1 else nn.Identity()
+def _stage_scaler(channels: int, depth: int) -> ScaleSkip2D:
+    # The published code creates a block scaler for every stage; forward uses it only where a stage has more than
+    # one block. A one-block stage's scaler is kept so that every published configuration's state dict loads
+    # strictly, and frozen (see freeze_unused), so that DDP (find_unused_parameters=False) never waits for its
+    # gradient and AdamW's weight decay does not shrink it for nothing.
+    scaler = ScaleSkip2D(channels)
+    if depth == 1:
+        freeze_unused(scaler)
+    return scaler
+
+
+def freeze_unused(module: nn.Module) -> None:
+    """Marks a module that forward never calls (kept for checkpoint compatibility) and turns its gradients off.
+    Unfreezing an encoder leaves such modules frozen (see trainable_in_forward)."""
+    module.unused_in_forward = True
+    module.requires_grad_(False)
+
+
+def unused_parameter_names(model: nn.Module) -> set[str]:
+    """State-dict names of the parameters of modules that forward never calls (one-block stages' scalers)."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, m in model.named_modules() if getattr(m, "unused_in_forward", False)
+            for name, _ in m.named_parameters()}
+
+
+def trainable_in_forward(model: nn.Module, params: Iterator[nn.Parameter]) -> Iterator[nn.Parameter]:
+    """`params` without those of modules that forward never calls."""
+    unused = {id(p) for m in model.modules() if getattr(m, "unused_in_forward", False) for p in m.parameters()}
+    return (p for p in params if id(p) not in unused)
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> PhilEOCNNConfig | None:
+    """The PhilEO CNN configuration whose state dict has these parameter names and shapes (a pretraining or a
+    fine-tuning state dict), or None when they are not a PhilEO CNN's. Used to say which model a checkpoint
+    needs when it fits no registered preset."""
+    try:
+        n = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.blocks_down."))
+        depths = tuple(1 + max(int(k.split(".")[3]) for k in shapes if k.startswith(f"encoder.blocks_down.{i}."))
+                       for i in range(n))
+        dims = tuple(shapes[f"encoder.block_scalers.{i}.x_skipscale"][1] for i in range(n))
+        input_dim = shapes["stem.conv1.weight"][1]
+        img_size = shapes["stem.norm1.weight"][1]
+        latent_dim = shapes["encoder.linear_encode.1.weight"][0]
+        return PhilEOCNNConfig(input_dim=input_dim, depths=depths, dims=dims, img_size=img_size, latent_dim=latent_dim)
+    except (KeyError, IndexError, ValueError):
+        return None
 
 
 class FoundationEncoder(nn.Module):
@@ -262,7 +303,7 @@ class PhilEOCNNDownstream(PhilEODownstreamModel):
 
     def set_encoder_frozen(self, frozen: bool = True) -> None:
         """Freezes (or unfreezes) stem + encoder: requires_grad off, so they get no gradients and no updates."""
-        for p in self.encoder_parameters():
+        for p in trainable_in_forward(self, self.encoder_parameters()):
             p.requires_grad_(not frozen)
         self.freeze_encoder = frozen
 
@@ -271,4 +312,5 @@ class PhilEOCNNDownstream(PhilEODownstreamModel):
         return self.head(self.decoder(embedding, skips))
 
 
-__all__ = ["PhilEOCNNConfig", "FoundationEncoder", "FoundationDecoder", "PhilEOCNN", "PhilEOCNNDownstream"]
+__all__ = ["PhilEOCNNConfig", "FoundationEncoder", "FoundationDecoder", "PhilEOCNN", "PhilEOCNNDownstream",
+           "freeze_unused", "unused_parameter_names", "infer_config"]

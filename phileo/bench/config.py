@@ -55,7 +55,9 @@ class FinetuneDataConfig(LoaderConfig):
     """root: the PhilEO-downstream folder (*_s2.npy + label files). task: roads | building | lc. n_shot: training
     patches per regional bucket (validation: ceil(val_ratio * n_shot) per bucket). nshot_seed: the selection seed,
     the same for every model and training seed so that all see the same patches. nshot_index_dir: where the
-    selection JSON is kept (default {root}/nshot_indices; set it when root is read-only). batch_size: per process.
+    selection JSON is kept (default {root}/nshot_indices; set it when root is read-only). nshot_index: a published
+    selection to use instead of drawing one (a phileo-bench/indices/*.json file, or the folder of them: the file for
+    the task and n_shot is found by name; see phileo.bench.published_nshot). batch_size: per process.
     eval_batch_size: for validation and test (0: batch_size)."""
 
     batch_size: int = 16
@@ -65,6 +67,7 @@ class FinetuneDataConfig(LoaderConfig):
     nshot_seed: int = 97
     val_ratio: float = 0.2
     nshot_index_dir: str = ""
+    nshot_index: str = ""
     normalisation: Literal["reflectance", "standardise", "none"] = "reflectance"
     augment: bool = False
     eval_batch_size: int = 0

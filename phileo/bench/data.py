@@ -358,11 +358,29 @@ def load_or_create_nshot_index(root: str | Path, task: str, n_shot: int, seed: i
         _check_index(doc, path, root, task, n_shot, seed, val_ratio)
         return path, doc
     doc = select_nshot(root, task, n_shot, seed, val_ratio)
+    _write_index(path, doc)
+    return path, doc
+
+
+def _write_index(path: Path, doc: dict[str, Any]) -> None:
     try:
         atomic_write_json(path, doc)
     except OSError as e:
         raise BenchDataError(f"cannot write the n-shot index {path} ({e}); if the data folder is read-only set "
                              f"data.nshot_index_dir to a writable folder shared by all runs") from None
+
+
+def save_published_selection(root: str | Path, task: str, n_shot: int, published: str | Path,
+                             index_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A published selection read onto the data in `root` (see phileo.bench.published_nshot), written as
+    `{index_dir}/nshot_{task}_n{n}_published-{file stem}.json` (atomically: array tasks may write it together,
+    and they write the same bytes). Returns (path, document)."""
+    from phileo.bench.published_nshot import published_nshot_index
+
+    doc = published_nshot_index(root, task, n_shot, published)
+    stem = Path(doc["source"]["published_index"]).stem
+    path = Path(index_dir or default_index_dir(root)) / f"nshot_{task}_n{int(n_shot)}_published-{stem}.json"
+    _write_index(path, doc)
     return path, doc
 
 
@@ -471,9 +489,16 @@ class BenchDataset(Dataset):
 
 def nshot_datasets(root: str | Path, task: str, n_shot: int, seed: int = DEFAULT_NSHOT_SEED,
                    val_ratio: float = VAL_RATIO, index_dir: str | Path | None = None,
-                   normalisation: str = "reflectance", augment: bool = False) -> "BenchSplits":
-    """Train (n-shot), validation and full test datasets for one task, with the index file and its sha256."""
-    path, doc = load_or_create_nshot_index(root, task, n_shot, seed, val_ratio, index_dir)
+                   normalisation: str = "reflectance", augment: bool = False,
+                   published_index: str | Path | None = None) -> "BenchSplits":
+    """Train (n-shot), validation and full test datasets for one task, with the index file and its sha256.
+
+    published_index: a published selection (phileo-bench/indices/*.json, or their folder) to use instead of a
+    drawn one (phileo.bench.published_nshot); it is converted, saved in index_dir and recorded like a drawn one."""
+    if published_index:
+        path, doc = save_published_selection(root, task, n_shot, published_index, index_dir)
+    else:
+        path, doc = load_or_create_nshot_index(root, task, n_shot, seed, val_ratio, index_dir)
     if not doc["val"]:
         raise BenchDataError(f"the n-shot index {path} has no validation patches (no *_val_s2.npy files with {task} "
                              f"labels in {root}); early stopping needs them")
@@ -539,6 +564,7 @@ __all__ = [
     "NUM_LC_CLASSES", "IGNORE_INDEX", "BAND_MEAN", "BAND_STD", "NORMALISATIONS", "DEFAULT_NSHOT_SEED",
     "BenchDataError", "BenchFile", "BenchScan", "BenchDataset", "BenchSplits", "worldcover_to_class",
     "scan_bench_files", "select_nshot", "load_or_create_nshot_index", "nshot_index_path", "nshot_datasets",
+    "save_published_selection",
     "file_sha256", "normalise", "parse_s2_name", "label_name",
 ]
 

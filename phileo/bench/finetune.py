@@ -337,7 +337,8 @@ def run_finetuning(cfg: FinetuneConfig, info: dist.DistInfo | None = None) -> Fi
     info = info or dist.init_distributed(device=cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     splits = nshot_datasets(cfg.data.root, cfg.data.task, cfg.data.n_shot, seed=cfg.data.nshot_seed,
                             val_ratio=cfg.data.val_ratio, index_dir=cfg.data.nshot_index_dir or None,
-                            normalisation=cfg.data.normalisation, augment=cfg.data.augment)
+                            normalisation=cfg.data.normalisation, augment=cfg.data.augment,
+                            published_index=cfg.data.nshot_index or None)
     cfg, steps_per_epoch = derive_steps(cfg, len(splits.train), info.world_size)
     task = BenchTask(cfg, splits, info, steps_per_epoch)
     trainer = Trainer(cfg, task, info)

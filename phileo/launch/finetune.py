@@ -33,6 +33,7 @@ FINETUNE_FLAG_KEYS = {
     "init": "model.init",
     "task": "data.task",
     "n_shot": "data.n_shot",
+    "nshot_index": "data.nshot_index",
     "data": "data.root",
     "batch_size": "data.batch_size",
     "seed": "train.seed",
@@ -60,6 +61,9 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", default=None, help="data.task: roads, building or lc")
     g.add_argument("--n-shot", type=int, default=None, help="data.n_shot")
     g.add_argument("--data", default=None, help="data.root: the PhilEO Bench folder")
+    g.add_argument("--nshot-index", default=None,
+                   help="data.nshot_index: a published selection (phileo-bench/indices/*.json, or their folder) "
+                        "instead of drawing one")
     g.add_argument("--batch-size", type=int, default=None, help="data.batch_size (per process)")
     g.add_argument("--lr", type=float, default=None, help="optim.lr")
     g.add_argument("--seed", type=int, default=None, help="train.seed")

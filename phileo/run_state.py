@@ -1,0 +1,84 @@
+"""state.json: what a run is doing now, in one small file that a status command can read on a login node.
+
+A run folder's heavy files (checkpoints, TensorBoard events) are never needed to answer "is it running, how far
+is it, when did it last save, how often was it requeued or did it fail": the launcher and the training job keep
+this file up to date instead. It is written atomically (temporary name + rename), by one writer at a time (the
+launcher before the job exists, then global rank 0 of the job), and read by anyone.
+
+    {
+      "state": "pending" | "running" | "requeued" | "completed" | "failed" | "preempted" | "stopped",
+      "updated": "2026-12-03T14:00:00+00:00",     # UTC, ISO 8601
+      "job_id": "1234" | null,                     # the SLURM job (array jobs: "1234_7"), or null locally
+      "host": "lrdn0001", "pid": 4242,             # where the writer runs
+      "step": 1200, "total_steps": 100000,
+      "last_checkpoint": {"step": 1000, "path": "checkpoints/step_00001000", "time": "..."} | null,
+      "requeues": 2, "failures": 0, "max_failures": 3,
+      "reason": null | "one line: why it ended (the error, 'walltime', 'max_failures reached' ...)",
+      "started": "...",                            # first start of the run
+      "events": [{"time", "event", "job_id", "detail"}, ...]   # the last EVENTS_KEPT transitions
+    }
+
+States: pending (submitted, not started), running, requeued (stopped at the walltime signal or after a failure,
+back in the queue), completed (train.steps reached or an early stop), failed (an error; no retry left),
+preempted (stopped at the signal without a requeue left: continue with --resume), stopped (stopped by a user).
+`TERMINAL_STATES` never change again unless a new launch (--resume) starts the run anew.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from phileo.fsutil import atomic_write_json, read_json
+
+STATE_FILE = "state.json"
+STATES = ("pending", "running", "requeued", "completed", "failed", "preempted", "stopped")
+TERMINAL_STATES = ("completed", "failed", "preempted", "stopped")
+EVENTS_KEPT = 50
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's state.json, or None when the run has none yet (an older run, or nothing launched).
+    A state file that cannot be parsed is reported as such (ValueError naming the file), never guessed."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    state = read_json(path, "run state")
+    if not isinstance(state, dict) or state.get("state") not in STATES:
+        raise ValueError(f"{path} is not a run state file (no valid 'state'); delete it: the next start rewrites it")
+    return state
+
+
+def update_state(run_dir: str | os.PathLike, state: str | None = None, event: str | None = None,
+                 detail: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Read-modify-write of state.json (atomic): sets `state` and `fields`, stamps `updated`, host and pid, and
+    appends an event when `event` is given (the last EVENTS_KEPT are kept). Only one process of a run may
+    call this at a time (the launcher before submission, then global rank 0). Returns the new state."""
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown run state {state!r}; one of {', '.join(STATES)}")
+    run_dir = Path(run_dir)
+    current = read_state(run_dir) or {"state": "pending", "started": None, "requeues": 0, "failures": 0,
+                                      "last_checkpoint": None, "reason": None, "events": []}
+    current.update(fields)
+    if state is not None:
+        current["state"] = state
+    stamp = now_iso()
+    if state == "running" and not current.get("started"):
+        current["started"] = stamp
+    current.update(updated=stamp, host=socket.gethostname(), pid=os.getpid())
+    if event:
+        events = list(current.get("events") or [])
+        events.append({"time": stamp, "event": event, "job_id": current.get("job_id"), "detail": detail})
+        current["events"] = events[-EVENTS_KEPT:]
+    atomic_write_json(run_dir / STATE_FILE, current)
+    return current
+
+
+__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "now_iso"]

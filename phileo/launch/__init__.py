@@ -2,7 +2,7 @@
 
     sites       SiteProfile, load_site("leonardo" | path): a cluster's facts and defaults (slurm/sites/*.yaml)
     resources   JobResources, resolve_resources(site, nodes=..., ...), parse_time_min, parse_mem_mb
-    preflight   preflight(site, resources, run_dir=..., data_root=..., count_chunks=...) -> PreflightReport
+    preflight   preflight(site, resources, run_dir=..., data_root=..., list_chunks=..., live=...) -> PreflightReport
     scripts     slurm_parameters(...), render_sbatch(...): the batch script submitit writes (and --dry-run prints)
     submit      make_plan / submit / submit_array / wait_for / read_task_result: the cluster as a parameter
     jobs        PretrainJob, FinetuneJob, SweepTaskJob (submitit Checkpointables that requeue themselves), CommandJob

@@ -39,7 +39,7 @@ from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_60M, CELL_
                                   CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
 from phileo.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, ChunkInfo, assign_chunks,
                                   stats_from_histogram)
-from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
+from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, open_h5_read, read_json
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
 DEFAULT_CELLS_PER_CHUNK = 256  # ~3.5 GB raw per chunk on real data: few files, still many more than nodes
@@ -633,10 +633,8 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
         if entry and entry.get("plan_fingerprint") == fingerprint and entry.get("bytes") == h5.stat().st_size:
             return entry
     # Killed between the chunk's rename and its sidecar: rebuild the sidecar from the file itself.
-    import h5py
-
     try:
-        with h5py.File(h5, "r") as f:
+        with open_h5_read(h5) as f:
             if f.attrs.get("plan_fingerprint") != fingerprint or int(f.attrs["chunk_index"]) != index:
                 return None
             report = json.loads(f["report"].asstr()[()])
@@ -793,8 +791,6 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     Refuses (naming the array tasks to re-run) when any planned chunk has no finished part, and when parts
     disagree about a chunk. `nodes` sets the stored assignment; any other node count can be used at training.
     """
-    import h5py
-
     out = Path(out)
     plan = _read_plan(out)
     if plan is None:
@@ -836,7 +832,7 @@ def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
     bands = stored[10] + stored[20] + stored[60]
     hist = np.zeros((len(bands), 65536), dtype=np.uint64)
     for c in chunk_infos:
-        with h5py.File(out / c.path, "r") as f:
+        with open_h5_read(out / c.path) as f:
             hist += f["stats/band_histogram"][...].astype(np.uint64)
     rejected = list(plan.unreadable) + [r for e in ordered for r in e["rejected"]]
     skipped = [r for e in ordered for r in e["skipped"]]

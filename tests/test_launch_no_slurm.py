@@ -230,3 +230,20 @@ def test_no_site_on_a_machine_with_slurm_picks_its_profile_or_refuses(tmp_path, 
     assert "site: leonardo (this machine is SLURM cluster 'leonardo'" in captured.err
     assert "#SBATCH --partition=boost_usr_prod" in captured.out
     assert not (tmp_path / "r").exists()
+
+
+def test_hidden_path_keeps_every_other_program(tmp_path):
+    """The PATH builder itself: a folder holding sbatch is mirrored without it, everything else stays."""
+    from _launch_fixtures import hidden_slurm_path
+
+    folder = tmp_path / "usr_bin"
+    folder.mkdir()
+    for name in ("sbatch", "sinfo", "python3", "sh"):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(0o755)
+    other = tmp_path / "other"
+    other.mkdir()
+    hidden = hidden_slurm_path(tmp_path / "mirror", os.pathsep.join([str(folder), str(other)]))
+    first, second = hidden.split(os.pathsep)
+    assert second == str(other) and first != str(folder)
+    assert sorted(p.name for p in Path(first).iterdir()) == ["python3", "sh"]

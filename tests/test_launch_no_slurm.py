@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from _launch_fixtures import write_bench, write_manifest
 from phileo.launch import finetune as ft_launch
@@ -66,7 +65,7 @@ def test_golden_leonardo_16_node_dry_run_from_a_laptop(tmp_path, shards):
     report = parts["preflight"]
     assert "live checks (partition, account, --after jobs): skipped (no SLURM client here)" in report
     assert "64 chunks for 16 node(s)" in report and "384 node-hours (1536 GPU-hours)" in report
-    assert "all checks passed" in report
+    assert "all checks that can run here passed (1 not run here: see above)" in report
     assert not run.exists(), "a dry run writes nothing"
 
 
@@ -247,3 +246,21 @@ def test_hidden_path_keeps_every_other_program(tmp_path):
     first, second = hidden.split(os.pathsep)
     assert second == str(other) and first != str(folder)
     assert sorted(p.name for p in Path(first).iterdir()) == ["python3", "sh"]
+
+
+def test_laptop_dry_run_notes_the_sites_file_systems_instead_of_refusing(tmp_path, monkeypatch, capsys):
+    """From a laptop, paths on Leonardo's file systems cannot be checked: noted, not refused; other paths are."""
+    if any(Path(m).exists() for m in ("/leonardo_work", "/leonardo_scratch")):
+        pytest.skip("this machine has Leonardo's file systems")
+    monkeypatch.setenv("CINECA_SCRATCH", "/leonardo_scratch/large/userexternal/jdoe")
+    code = pt_launch.main(["--site", "leonardo", "--account", "p", "--nodes", "16", "--data",
+                           "/leonardo_work/P/majortom/shards", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "--data /leonardo_work/P/majortom/shards: not checked, /leonardo_work is not on this machine" in out
+    assert "--run-dir /leonardo_scratch/large/userexternal/jdoe/phileo/runs/" in out
+    assert "all checks that can run here passed (3 not run here: see above)" in out
+    # A path this machine should have is still refused.
+    assert pt_launch.main(["--site", "leonardo", "--account", "p", "--data", str(tmp_path / "nope"),
+                           "--run-dir", str(tmp_path / "r"), "--dry-run"]) == 2
+    assert "manifest.json not found" in capsys.readouterr().out

@@ -25,8 +25,8 @@ from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_map
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import FinetuneJob, SweepTaskJob
-from phileo.launch.preflight import (PreflightReport, check_limits, check_model, check_run_dir, cost_note,
-                                     live_checks, preflight)
+from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, check_model, cost_note,
+                                     live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import _deep_merge, wait_and_report
 from phileo.launch.resources import job_cost
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
@@ -104,8 +104,8 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         return cli.refuse(str(e))
     report = preflight(site, res, run_dir=run_dir, fresh_run=False, live=cluster == "slurm", after=opts.after)
-    report.problems[:0] = check_finetune_inputs([(cfg.model.name, cfg.model.init, cfg.data.root, cfg.data.task)],
-                                                flags=True)
+    report.add(*check_finetune_inputs(site, [(cfg.model.name, cfg.model.init, cfg.data.root, cfg.data.task)],
+                                      flags=True))
     if cluster == "local":
         report.problems += check_local_request(res, opts.any)
     plan = make_plan(cluster, site, res, run_dir / "logs", dependency=opts.dependency, extra_sbatch=opts.sbatch)
@@ -124,24 +124,30 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     return wait_and_report(job, run_dir, args.wait_timeout_s) if args.wait else cli.EXIT_OK
 
 
-def check_finetune_inputs(runs: Iterable[tuple[str, str, str, str]], flags: bool = False) -> list[str]:
+def check_finetune_inputs(site: Any, runs: Iterable[tuple[str, str, str, str]],
+                          flags: bool = False) -> tuple[list[str], list[str]]:
     """What a fine-tuning run reads, checked from here: the model name against the registry, model.init exists
     (a weights file, a checkpoint, or a pretraining run folder with a complete checkpoint; 'scratch' reads
     nothing), and data.root holds PhilEO Bench training files for the task. `runs` are (model.name, model.init,
-    data.root, data.task); each distinct value is checked once. Returns one line per problem."""
+    data.root, data.task); each distinct value is checked once. Returns (problems, notes): one line per problem;
+    off the cluster, a path on a file system this machine does not have is a note (not checked)."""
     from phileo.data.bench import BenchDataError, scan_bench_files
     from phileo.train.finetune import resolve_init
 
     flag = {"model": "--model", "init": "--init", "data": "--data"} if flags else \
         {"model": "model.name", "init": "model.init", "data": "data.root"}
     problems: list[str] = []
+    notes: list[str] = []
     seen: set[tuple[str, str]] = set()
     for model, init, root, task in runs:
         for kind, value in (("model", model), ("init", init), ("data", (root, task))):
             if (kind, repr(value)) in seen:
                 continue
             seen.add((kind, repr(value)))
-            if kind == "model":
+            path = init if kind == "init" else root if kind == "data" else None
+            if top := absent_here(path, site):
+                notes.append(not_here_note(flag[kind], path, top))
+            elif kind == "model":
                 problems += check_model(model, flag=flag["model"])
             elif kind == "init":
                 try:
@@ -160,7 +166,7 @@ def check_finetune_inputs(runs: Iterable[tuple[str, str, str, str]], flags: bool
                     problems.append(f"{flag['data']} {root} holds no *_train_s2.npy file with a {task} label: "
                                     f"point it at the PhilEO Bench folder (python -m phileo.data.bench scan "
                                     f"{root} lists what is there)")
-    return problems
+    return problems, notes
 
 
 # --------------------------------------------------------------------------------------------------- sweeps
@@ -237,8 +243,8 @@ def _launch_sweep(args: argparse.Namespace) -> int:
 
     report = PreflightReport()
     report.problems += check_limits(site, res)
-    report.problems += check_run_dir(out, fresh=False)
-    report.problems += check_sweep_inputs(sweep_path, [s for s in specs if s.index in set(indices)])
+    report.add(*run_dir_report(site, out, fresh=False, flag="--out"))
+    report.add(*check_sweep_inputs(site, sweep_path, [s for s in specs if s.index in set(indices)]))
     if cluster == "local":
         report.problems += check_local_request(res, opts.any)
     else:
@@ -294,9 +300,10 @@ def _launch_sweep(args: argparse.Namespace) -> int:
 _SWEEP_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what phileo.train.sweep.expand_env expands on the node
 
 
-def check_sweep_inputs(sweep_path: Path, specs: Sequence[Any]) -> list[str]:
+def check_sweep_inputs(site: Any, sweep_path: Path, specs: Sequence[Any]) -> tuple[list[str], list[str]]:
     """Every ${VAR} the tasks use is set in this shell (the array tasks inherit its environment), then, with
-    them expanded, every task's model, init weights and data as `check_finetune_inputs` checks one run."""
+    them expanded, every task's model, init weights and data as `check_finetune_inputs` checks one run.
+    Returns (problems, notes)."""
     from phileo.train.sweep import build_task_config
 
     used: dict[str, set[str]] = {}
@@ -310,12 +317,13 @@ def check_sweep_inputs(sweep_path: Path, specs: Sequence[Any]) -> list[str]:
         keys = sorted({k for v in unset for k in used[v]})
         return [f"sweep {sweep_path.name} uses {', '.join('${' + v + '}' for v in unset)} (in {', '.join(keys)}), "
                 f"not set in this shell: export {' '.join(v + '=...' for v in unset)} before submitting (the "
-                f"tasks inherit this shell's environment)"]
+                f"tasks inherit this shell's environment)"], []
     runs = []
     for spec in specs:
         cfg = build_task_config(spec, sweep_path.parent)  # what the task will run, ${VAR}s expanded as there
         runs.append((cfg.model.name, cfg.model.init, cfg.data.root, cfg.data.task))
-    return [f"sweep {sweep_path.name}: {p}" for p in check_finetune_inputs(runs)]
+    problems, notes = check_finetune_inputs(site, runs)
+    return [f"sweep {sweep_path.name}: {p}" for p in problems], notes
 
 
 def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float]) -> list[Any]:

@@ -48,6 +48,11 @@ class PreflightReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def unchecked(self) -> list[str]:
+        """Notes of checks that could not run here (no SLURM client, the site's file systems not mounted)."""
+        return [n for n in self.notes if "skipped" in n or "not checked" in n]
+
     def add(self, problems: list[str], notes: list[str] = ()) -> "PreflightReport":
         self.problems += problems
         self.notes += list(notes)
@@ -144,6 +149,24 @@ def check_limits(site: SiteProfile, res: JobResources) -> list[str]:
     return problems
 
 
+def absent_here(path: Optional[str | os.PathLike], site: SiteProfile) -> Optional[Path]:
+    """The site file system (`mounts` in the profile, e.g. /leonardo_work) that `path` is on, when this machine
+    does not have it (a laptop): nothing about the path can be checked here. None otherwise, and then a missing
+    path is a real problem."""
+    if not path or str(path) == "scratch":
+        return None
+    p = Path(path).absolute()
+    for mount in map(Path, site.mounts):
+        if (p == mount or mount in p.parents) and not mount.exists():
+            return mount
+    return None
+
+
+def not_here_note(what: str, path: str | os.PathLike, top: Path) -> str:
+    return (f"{what} {path}: not checked, {top} is not on this machine (run the same command on the site's "
+            f"login node to check it)")
+
+
 def check_run_dir(run_dir: Path, fresh: bool, is_run: Callable[[Path], bool] = None) -> list[str]:
     """The run folder (or its nearest existing parent) is writable; a fresh launch must not reuse a run's folder."""
     problems = check_script_values({}, {"--run-dir": str(run_dir)})
@@ -160,6 +183,15 @@ def check_run_dir(run_dir: Path, fresh: bool, is_run: Callable[[Path], bool] = N
         problems.append(f"run folder {p} already holds a run; continue it with --resume {p}, or choose "
                         f"another --run-dir")
     return problems
+
+
+def run_dir_report(site: SiteProfile, run_dir: Path, fresh: bool, is_run: Callable[[Path], bool] = None,
+                   flag: str = "--run-dir") -> tuple[list[str], list[str]]:
+    """`check_run_dir`, except for a folder on a site file system this machine does not have (the cluster's
+    scratch seen from a laptop): then a note that it was not checked. Returns (problems, notes)."""
+    if top := absent_here(run_dir, site):
+        return check_script_values({}, {flag: str(run_dir)}), [not_here_note(flag, run_dir, top)]
+    return check_run_dir(Path(run_dir), fresh, is_run), []
 
 
 def check_data(data_root: Optional[Path], nodes: int,
@@ -316,16 +348,19 @@ def preflight(site: SiteProfile, res: JobResources, *, run_dir: Optional[Path] =
     """Every check for one job; returns a report (problems and notes) and never submits or writes anything.
 
     Data is checked only when `list_chunks` is given (pretraining); the run folder only when `run_dir` is; the
-    live cluster only with `live` (SLURM jobs).
+    live cluster only with `live` (SLURM jobs). Paths on a site file system this machine does not have (the
+    profile's `mounts`, seen from a laptop) are noted as not checked instead of refused.
     """
     report = PreflightReport()
     report.problems += check_limits(site, res)
+    # Off the cluster (a laptop) the site's file systems are not mounted: say so, do not refuse.
     if run_dir is not None:
-        report.problems += check_run_dir(Path(run_dir), fresh_run, is_run)
+        report.add(*run_dir_report(site, Path(run_dir), fresh_run, is_run))
     if list_chunks is not None:
-        problems, notes = check_data(data_root, res.nodes, list_chunks, expected_from=after)
-        report.problems += problems
-        report.notes += notes
+        if top := absent_here(data_root, site):
+            report.notes.append(not_here_note("--data", data_root, top))
+        else:
+            report.add(*check_data(data_root, res.nodes, list_chunks, expected_from=after))
     if live:
         report.add(*live_checks(site, res, after))
     report.notes.append(cost_note(site, res))

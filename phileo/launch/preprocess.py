@@ -24,7 +24,8 @@ from phileo.config import ConfigError
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size
 from phileo.launch.jobs import CommandJob
-from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir, cost_note, live_checks
+from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, cost_note, live_checks,
+                                     not_here_note, run_dir_report)
 from phileo.launch.slurm import have_sbatch
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, read_task_result, resolve_cluster,
                                   submit, submit_array, update_launch_record, wait_for)
@@ -100,12 +101,15 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
     log_dir = Path(args.log_dir).absolute() if args.log_dir else out / "logs"
     report = PreflightReport()
     report.problems += check_limits(site, res)
-    report.problems += check_run_dir(out, fresh=False)
-    report.problems += check_run_dir(log_dir, fresh=False) if args.log_dir else []
+    report.add(*run_dir_report(site, out, fresh=False, flag="--out"))
+    if args.log_dir:
+        report.add(*run_dir_report(site, log_dir, fresh=False, flag="--log-dir"))
     if args.workers < 1 or args.workers > res.cpus_per_task:
         report.problems.append(f"--workers {args.workers} for {res.cpus_per_task} core(s) per task: use 1 to "
                                f"{res.cpus_per_task} (default {default_workers(res.cpus_per_task)}, about 2/3)")
-    if not Path(args.source).exists():
+    if top := absent_here(args.source, site):
+        report.notes.append(not_here_note("--source", args.source, top))
+    elif not Path(args.source).exists():
         report.problems.append(f"--source {args.source} does not exist (it must be on a file system the compute "
                                f"nodes see)")
     if not CONVERTER.is_file():

@@ -155,6 +155,9 @@ class SiteProfile:
     # dev profile). Off for real clusters: their jobs are never turned into local ones.
     local_fallback: bool = False
     charging: Charging = field(default_factory=Charging)
+    # The site's own file systems (top folders such as /leonardo_work): a path under one that this machine does
+    # not have (a laptop) is noted "not checked here" by preflight instead of refused.
+    mounts: list[str] = field(default_factory=list)
     cpu_jobs: Optional[CpuJobs] = None  # the CPU partition for CPU-only jobs (None: the same partition)
     path: str = ""  # the file it was loaded from (set by load_site)
 

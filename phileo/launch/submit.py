@@ -13,7 +13,6 @@ import contextlib
 import datetime as _dt
 import os
 import pickle
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -299,27 +299,15 @@ def live_checks(site: SiteProfile, res: JobResources, after: Sequence[str] = ())
     problems: list[str] = []
     checked: list[str] = []
     skipped: list[str] = []
-    if res.partition:
-        try:
-            partitions = slurm_cli.partitions_here()
-        except RuntimeError as e:
-            skipped.append(f"partition ({e})")
-        else:
-            checked.append("partition")
-            if res.partition not in partitions:
-                problems.append(f"--partition {res.partition} is not a partition of this cluster (sinfo lists "
-                                f"{', '.join(partitions) or 'none'}); pass --partition with one of them, or fix "
-                                f"`partition:` in {site.path or 'the site profile'}")
-    if res.account:
-        try:
-            accounts = slurm_cli.user_accounts()
-        except RuntimeError as e:
-            skipped.append(f"account ({e})")
-        else:
-            checked.append("account")
-            if accounts and res.account.lower() not in {a.lower() for a in accounts}:
-                problems.append(f"--account {res.account} is not one of your accounts here ({', '.join(accounts)}); "
-                                f"pass --account with one of them (Leonardo: `saldo -b` lists them)")
+    if res.partition and (partitions := _ask("partition", slurm_cli.partitions_here, checked, skipped)) is not None:
+        if res.partition not in partitions:
+            problems.append(f"--partition {res.partition} is not a partition of this cluster (sinfo lists "
+                            f"{', '.join(partitions) or 'none'}); pass --partition with one of them, or fix "
+                            f"`partition:` in {site.path or 'the site profile'}")
+    if res.account and (accounts := _ask("account", slurm_cli.user_accounts, checked, skipped)) is not None:
+        if accounts and res.account.lower() not in {a.lower() for a in accounts}:
+            problems.append(f"--account {res.account} is not one of your accounts here ({', '.join(accounts)}); "
+                            f"pass --account with one of them (Leonardo: `saldo -b` lists them)")
     for job_id in after:
         checked.append(f"job {job_id}")
         states = slurm_cli.job_states(job_id)
@@ -335,6 +323,18 @@ def live_checks(site: SiteProfile, res: JobResources, after: Sequence[str] = ())
     if skipped:
         notes.append(f"live checks skipped: {'; '.join(skipped)}")
     return problems, notes
+
+
+def _ask(name: str, query: Callable[[], list[str]], checked: list[str], skipped: list[str]) -> Optional[list[str]]:
+    """query()'s answer, recording the check as done; None (recorded as skipped, with why) when SLURM did not
+    answer."""
+    try:
+        answer = query()
+    except RuntimeError as e:
+        skipped.append(f"{name} ({e})")
+        return None
+    checked.append(name)
+    return answer
 
 
 def cost_note(site: SiteProfile, res: JobResources, count: int = 1) -> str:

@@ -235,3 +235,25 @@ def test_leonardo_cpu_jobs_go_to_the_dcgp_partition(leonardo):
     assert load_site("local").for_cpu_jobs().partition == "debug"  # no CPU partition: the same one
     assert leonardo.cluster_name == "leonardo" and not leonardo.local_fallback
     assert leonardo.env["HDF5_USE_FILE_LOCKING"] == "FALSE" == load_site("local").env["HDF5_USE_FILE_LOCKING"]
+
+
+def test_sbatch_and_dependency_options_are_parsed_and_refused_with_the_flag_to_use():
+    import argparse
+
+    from phileo.launch.cli import submit_options
+
+    def opts(**kw):
+        return submit_options(argparse.Namespace(**{"sbatch": [], "after": [], "dependency": None, **kw}))
+
+    o = opts(sbatch=["mail-type=END,FAIL", "--exclusive", "comment=a b"], after=["12", "34_5"],
+             dependency="afterany:7")
+    assert o.sbatch == {"mail-type": "END,FAIL", "exclusive": True, "comment": "a b"}
+    assert o.dependency == "afterok:12:34_5,afterany:7" and o.after == ["12", "34_5"] and o.any
+    assert not opts().any and opts().dependency is None
+    for kw, message in [({"sbatch": ["nodes=4"]}, "set it with --nodes"),
+                        ({"sbatch": ["Mail Type=x"]}, "must be an sbatch long option"),
+                        ({"sbatch": ["comment=a\nb"]}, "line break"),
+                        ({"dependency": "afterok:1;rm -rf"}, "not SLURM dependency syntax"),
+                        ({"after": ["abc"]}, "not a SLURM job id")]:
+        with pytest.raises(ConfigError, match=message):
+            opts(**kw)

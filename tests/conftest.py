@@ -116,17 +116,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slurm)
 
 
+@pytest.fixture(scope="session")
+def _hidden_path(tmp_path_factory) -> str:
+    return hidden_slurm_path(tmp_path_factory.mktemp("nosbatch"))
+
+
 @pytest.fixture
-def no_slurm_path(tmp_path_factory, monkeypatch) -> str:
-    """This test's PATH (and its subprocesses') with the SLURM client hidden; SLURM_CONF unset."""
-    hidden = hidden_slurm_path(tmp_path_factory.mktemp("nosbatch"))
-    monkeypatch.setenv("PATH", hidden)
-    monkeypatch.delenv("SLURM_CONF", raising=False)
-    monkeypatch.delenv("PHILEO_SITE", raising=False)
+def no_slurm_path(_hidden_path, monkeypatch) -> str:
+    """This test's PATH (and its subprocesses') with the SLURM client hidden; SLURM_CONF and PHILEO_SITE unset."""
     import shutil
 
+    monkeypatch.setenv("PATH", _hidden_path)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.delenv("PHILEO_SITE", raising=False)
     assert all(shutil.which(t) is None for t in CLIENT_TOOLS), "a SLURM tool is still on PATH"
-    return hidden
+    return _hidden_path
 
 
 @pytest.fixture(autouse=True)

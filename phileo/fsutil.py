@@ -31,6 +31,18 @@ def make_group_readable(path: str | os.PathLike, directory: bool = False) -> Non
         p.chmod(p.stat().st_mode | want)
 
 
+def open_h5_read(path: str | os.PathLike, **kwargs: Any):
+    """Opens an HDF5 file read-only without HDF5's file lock (h5py >= 3.5, HDF5 >= 1.12.1).
+
+    HDF5 locks files even for reading; on Lustre or GPFS mounted without flock that lock fails ("unable to lock
+    file, errno = 38") and the file cannot be opened at all. A reader of a finished file needs no lock: files
+    here are written under a temporary name and renamed when complete. `kwargs` go to h5py.File (rdcc_nbytes ...).
+    """
+    import h5py
+
+    return h5py.File(path, "r", locking=False, **kwargs)
+
+
 def tmp_name(path: str | os.PathLike) -> Path:
     """A unique temporary sibling of `path` (same directory, so the final rename is atomic).
 

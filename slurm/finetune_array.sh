@@ -51,6 +51,7 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE NO
 # Without it srun gives each task one CPU and the DataLoader workers share it.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export HF_HUB_OFFLINE=1
+export HDF5_USE_FILE_LOCKING=FALSE  # shared file systems without flock
 
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
   echo "finetune_array.sh: not inside a job array (submit it with sbatch; --array picks the tasks)" >&2

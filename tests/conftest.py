@@ -3,7 +3,12 @@
 The `slurm_cluster` fixture brings the one-machine SLURM cluster (slurm/dev-cluster/up.sh) up once per test
 session and down at the end (only if this session started it). When it cannot be started (not root, no
 apt-get, no packages), tests that need it are skipped with the reason, unless PHILEO_REQUIRE_SLURM=1 (set by
-.ci/run), where that is a failure: CI must run them.
+.ci/run), where that is a failure: CI must run them. Every test that uses the fixture is marked `slurm` here,
+so `-m "not slurm"` never starts the cluster.
+
+The `no_slurm` group (`pytest -m no_slurm`, run first by `make test`) runs the launchers with the SLURM client
+hidden from PATH (`hidden_slurm_path`), as on a laptop or a fresh machine, whether or not SLURM is installed
+here; a `no_slurm` test that asks for the cluster is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _launch_fixtures import hidden_slurm_path
+from phileo.launch.slurm import CLIENT_TOOLS
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
@@ -92,6 +100,37 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = old
     if cluster.started_here and os.environ.get("PHILEO_KEEP_CLUSTER", "") != "1":
         subprocess.run([str(DEV_CLUSTER / "down.sh")], capture_output=True, timeout=300)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_slurm: runs the launchers with the SLURM client hidden from PATH "
+                                       "(make test runs this group first, before anything starts the cluster)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses_cluster = "slurm_cluster" in getattr(item, "fixturenames", ())
+        if uses_cluster and item.get_closest_marker("no_slurm"):
+            raise pytest.UsageError(f"{item.nodeid} is marked no_slurm but uses the slurm_cluster fixture")
+        if uses_cluster and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture(scope="session")
+def _hidden_path(tmp_path_factory) -> str:
+    return hidden_slurm_path(tmp_path_factory.mktemp("nosbatch"))
+
+
+@pytest.fixture
+def no_slurm_path(_hidden_path, monkeypatch) -> str:
+    """This test's PATH (and its subprocesses') with the SLURM client hidden; SLURM_CONF and PHILEO_SITE unset."""
+    import shutil
+
+    monkeypatch.setenv("PATH", _hidden_path)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.delenv("PHILEO_SITE", raising=False)
+    assert all(shutil.which(t) is None for t in CLIENT_TOOLS), "a SLURM tool is still on PATH"
+    return _hidden_path
 
 
 @pytest.fixture(autouse=True)

@@ -204,6 +204,7 @@ def test_preprocess_array_then_merge_matches_a_local_conversion(tmp_path):
     ids = re.search(r"plan job (\d+), array job (\d+) \(2 tasks, %2\), merge job (\d+)", on_slurm.stdout)
     assert ids, on_slurm.stdout
     plan_id, array_id, merge_id = ids.groups()
+    assert f"merge job id: {merge_id}" in on_slurm.stdout and f"--after {merge_id}" in on_slurm.stdout
     submission = (tmp_path / "slurm/logs/merge" / f"{merge_id}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterok:{array_id}" in submission
     assert "#SBATCH --kill-on-invalid-dep=yes" in submission
@@ -237,6 +238,50 @@ def test_preflight_refuses_an_over_limit_request_before_submitting(tmp_path, sha
     assert "--nodes 8 is more than the 4 nodes" in res.stderr and "use --nodes 4 or fewer" in res.stderr
     assert "4 chunk(s) but the job has 8 nodes" in res.stderr
     assert "submitted" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def _queued() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True,
+                              check=True).stdout.split())
+
+
+def test_live_checks_refuse_before_anything_is_queued(tmp_path, shards):
+    # No --site on this machine: the dev cluster's ClusterName (phileo-dev) picks the local profile.
+    dry = _launch("launch_pretrain.py", "--model", "phileo_cnn_tiny", "--data", str(shards), "--run-dir",
+                  str(tmp_path / "dry"), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "site: local (this machine is SLURM cluster 'phileo-dev'" in dry.stderr
+    assert "live checks: partition checked against this cluster" in dry.stdout
+    before = _queued()
+    run = tmp_path / "run"
+    res = _launch("launch_pretrain.py", "--site", "local", "--cluster", "slurm", "--partition", "gpu", "--after",
+                  "999999", "--model", "phileo_cnn_4m", "--data", str(shards), "--run-dir", str(run))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--partition gpu is not a partition of this cluster (sinfo lists debug)" in res.stderr
+    assert "--after 999999: SLURM lists no such job" in res.stderr
+    assert "--model phileo_cnn_4m: unknown model" in res.stderr and "nothing was submitted" in res.stderr
+    assert _queued() - before == set(), "a refused launch queued a job"
+    assert not run.exists(), "a refused launch wrote its run folder (submitit's logs)"
+
+
+def test_after_names_a_real_job_and_refuses_one_that_failed(tmp_path, shards):
+    site = load_site("local")
+    res = resolve_resources(site, time="5", job_name="fails")
+    failed = submit(make_plan("slurm", site, res, tmp_path / "failed"), CommandJob(["false"]))
+    wait_for([failed], timeout_s=120, poll_s=1)
+    running = submit(make_plan("slurm", site, res, tmp_path / "sleeps"), CommandJob(["sleep", "60"]))
+    try:
+        common = ["--site", "local", "--cluster", "slurm", "--model", "phileo_cnn_tiny", "--data", str(shards),
+                  "--run-dir", str(tmp_path / "r"), "--dry-run"]
+        ok = _launch("launch_pretrain.py", *common, "--after", str(running.job_id))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert f"#SBATCH --dependency=afterok:{running.job_id}" in ok.stdout
+        assert f"job {running.job_id} checked against this cluster" in ok.stdout
+        bad = _launch("launch_pretrain.py", *common, "--after", str(failed.job_id))
+        assert bad.returncode == 2
+        assert f"--after {failed.job_id}: that job ended FAILED, so this one would never start" in bad.stdout
+    finally:
+        subprocess.run(["scancel", str(running.job_id)], capture_output=True)
 
 
 def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards):

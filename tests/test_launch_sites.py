@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from phileo.config import ConfigError
-from phileo.launch.preflight import PreflightError, check_data, check_run_dir, preflight
-from phileo.launch.resources import parse_mem_mb, parse_time_min, resolve_resources
+from phileo.launch.preflight import PreflightError, check_chunk_files, check_data, check_run_dir, preflight
+from phileo.launch.resources import job_cost, parse_mem_mb, parse_time_min, resolve_resources
 from phileo.launch.sites import available_sites, format_minutes, load_site
 
 
@@ -166,9 +166,14 @@ def test_run_dir_must_be_writable_and_fresh(tmp_path):
 
 
 def test_data_check_needs_a_chunk_per_node(tmp_path):
-    problems, _ = check_data(tmp_path, 16, lambda root: 12)
+    def chunks(n):
+        for i in range(n):
+            (tmp_path / f"c{i}.h5").write_bytes(b"x" * 10)
+        return lambda root: [(tmp_path / f"c{i}.h5", 10) for i in range(n)]
+
+    problems, _ = check_data(tmp_path, 16, chunks(12))
     assert "12 chunk(s)" in problems[0] and "16 nodes" in problems[0] and "--nodes 12" in problems[0]
-    problems, notes = check_data(tmp_path, 4, lambda root: 12)
+    problems, notes = check_data(tmp_path, 4, chunks(12))
     assert problems == [] and "3.0 per node" in notes[0]
 
     def missing(root):
@@ -178,3 +183,77 @@ def test_data_check_needs_a_chunk_per_node(tmp_path):
     assert "manifest.json not found" in problems[0]
     problems, _ = check_data(None, 1, missing)
     assert "--data" in problems[0]
+    # Chained after the job that writes it (--after), a missing manifest is expected, not a problem.
+    problems, notes = check_data(tmp_path, 1, missing, expected_from=["123"])
+    assert problems == [] and "expected from job(s) 123" in notes[0]
+
+
+def test_every_chunk_file_is_there_with_its_recorded_size(tmp_path):
+    listed = []
+    for i in range(6):
+        (tmp_path / f"c{i}.h5").write_bytes(b"x" * 100)
+        listed.append((tmp_path / f"c{i}.h5", 100))
+    assert check_chunk_files(tmp_path, listed) == []
+    (tmp_path / "c1.h5").unlink()
+    (tmp_path / "c4.h5").write_bytes(b"x" * 40)  # truncated
+    problems = check_chunk_files(tmp_path, listed)
+    assert len(problems) == 2
+    assert "1 of 6 chunk file(s)" in problems[0] and "missing (c1.h5)" in problems[0]
+    assert "c4.h5: 40 bytes, manifest says 100" in problems[1]
+    assert all("re-run the same conversion" in p and "\n" not in p for p in problems)
+
+
+def test_walltime_fields_out_of_range_are_refused():
+    for text in ("99:99:99", "10:60", "1-24:00:00", "00:59:60"):
+        with pytest.raises(ConfigError, match="is not below"):
+            parse_time_min(text)
+    assert parse_time_min("48:00:00") == 2880  # hours may exceed 24 without a day count, as in sbatch
+
+
+def test_costs_of_arrays_and_sub_node_jobs_follow_the_sites_charging(leonardo):
+    full = resolve_resources(leonardo, nodes=16, account="p")
+    assert job_cost(leonardo, full).describe() == "16 node(s) x 1-00:00:00 = 384 node-hours (1536 GPU-hours)"
+    one_gpu = resolve_resources(leonardo, gpus_per_node=1, account="p")
+    cost = job_cost(leonardo, one_gpu)
+    assert cost.node_share == 0.25 and cost.node_hours == 6 and cost.gpu_hours == 24
+    assert "billed as 1/4 of a node" in cost.describe() and "= 6 node-hours (24 GPU-hours)" in cost.describe()
+    cpu = leonardo.for_cpu_jobs()
+    conv = resolve_resources(cpu, gpus_per_node=0, tasks_per_node=1, time="08:00:00", account="p")
+    assert job_cost(cpu, conv, count=64).describe() == "64 task(s) x 1 node(s) x 08:00:00 = 512 node-hours"
+    # Billed whole nodes: a 1-GPU job costs the node.
+    leonardo_whole = load_site("leonardo")
+    leonardo_whole.charging.by = "node"
+    assert job_cost(leonardo_whole, one_gpu).node_hours == 24
+    leonardo_whole.charging.unit = "gpu-hours"
+    assert job_cost(leonardo_whole, one_gpu).describe().endswith("= 24 GPU-hours (24 node-hours)")
+
+
+def test_leonardo_cpu_jobs_go_to_the_dcgp_partition(leonardo):
+    cpu = leonardo.for_cpu_jobs()
+    assert (cpu.partition, cpu.node.cpus, cpu.node.gpus, cpu.default_qos) == ("dcgp_usr_prod", 112, 0, "normal")
+    assert leonardo.partition == "boost_usr_prod" and leonardo.node.cpus == 32  # the profile itself is unchanged
+    assert load_site("local").for_cpu_jobs().partition == "debug"  # no CPU partition: the same one
+    assert leonardo.cluster_name == "leonardo" and not leonardo.local_fallback
+    assert leonardo.env["HDF5_USE_FILE_LOCKING"] == "FALSE" == load_site("local").env["HDF5_USE_FILE_LOCKING"]
+
+
+def test_sbatch_and_dependency_options_are_parsed_and_refused_with_the_flag_to_use():
+    import argparse
+
+    from phileo.launch.cli import submit_options
+
+    def opts(**kw):
+        return submit_options(argparse.Namespace(**{"sbatch": [], "after": [], "dependency": None, **kw}))
+
+    o = opts(sbatch=["mail-type=END,FAIL", "--exclusive", "comment=a b"], after=["12", "34_5"],
+             dependency="afterany:7")
+    assert o.sbatch == {"mail-type": "END,FAIL", "exclusive": True, "comment": "a b"}
+    assert o.dependency == "afterok:12:34_5,afterany:7" and o.after == ["12", "34_5"] and o.any
+    assert not opts().any and opts().dependency is None
+    for kw, message in [({"sbatch": ["nodes=4"]}, "set it with --nodes"),
+                        ({"sbatch": ["Mail Type=x"]}, "must be an sbatch long option"),
+                        ({"sbatch": ["comment=a\nb"]}, "line break"),
+                        ({"dependency": "afterok:1;rm -rf"}, "not SLURM dependency syntax"),
+                        ({"after": ["abc"]}, "not a SLURM job id")]:
+        with pytest.raises(ConfigError, match=message):
+            opts(**kw)

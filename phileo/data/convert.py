@@ -34,7 +34,7 @@ from phileo.data.chunk_format import grid_offsets, grid_valid, nodata_count_20m,
 from phileo.data.majortom import CELL_SIZE_PX, Cell, CellError, CellRef, MajorTOMSource
 from phileo.data.merge import merge
 from phileo.data.plan import ConvertConfig, Plan, load_or_make_plan, task_chunks
-from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
+from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, open_h5_read, read_json
 
 
 def _alloc_blocks(stored: dict[int, list[str]]) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
@@ -311,10 +311,8 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
         if entry and entry.get("plan_fingerprint") == fingerprint and entry.get("bytes") == h5.stat().st_size:
             return entry
     # Killed between the chunk's rename and its sidecar: rebuild the sidecar from the file itself.
-    import h5py
-
     try:
-        with h5py.File(h5, "r") as f:
+        with open_h5_read(h5) as f:
             if (f.attrs.get(fmt.ATTR_PLAN_FINGERPRINT) != fingerprint
                     or int(f.attrs[fmt.ATTR_CHUNK_INDEX]) != index):
                 return None

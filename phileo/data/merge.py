@@ -19,7 +19,7 @@ from phileo.data import chunk_format as fmt
 from phileo.data.majortom import CELL_SIZE_PX, CLOUD_CLASSES
 from phileo.data.manifest import ChunkInfo, assign_chunks, stats_from_histogram
 from phileo.data.plan import ConvertConfig, Plan, read_plan, task_chunks
-from phileo.fsutil import atomic_write_json, read_json
+from phileo.fsutil import atomic_write_json, open_h5_read, read_json
 from phileo.ranges import format_ranges
 
 
@@ -91,11 +91,9 @@ def _refuse_missing(out: Path, plan: Plan, entries: dict[int, Any], seen_tasks: 
 
 def _band_histogram(out: Path, chunks: list[ChunkInfo], n_bands: int) -> np.ndarray:
     """The sum of the chunks' exact value histograms (uint64: a whole set can exceed 2^32 per value)."""
-    import h5py
-
     hist = np.zeros((n_bands, fmt.HISTOGRAM_BINS), dtype=np.uint64)
     for c in chunks:
-        with h5py.File(out / c.path, "r") as f:
+        with open_h5_read(out / c.path) as f:
             hist += f[fmt.BAND_HISTOGRAM][...].astype(np.uint64)
     return hist
 

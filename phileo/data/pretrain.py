@@ -22,6 +22,7 @@ from phileo.data import chunk_format as fmt
 from phileo.data.chunk_format import grid_offsets, valid_offsets_map
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CELL_SIZE_PX, PHILEO_BANDS
 from phileo.data.manifest import ChunkInfo, Manifest, assign_chunks, load_manifest
+from phileo.fsutil import open_h5_read
 
 try:  # a torch Dataset when torch is there (it always is for training); plain object otherwise
     from torch.utils.data import Dataset as _Base
@@ -79,7 +80,6 @@ class PretrainDataset(_Base):
 
     def __init__(self, root: str | os.PathLike, node_rank: int = 0, num_nodes: int = 1, patch_size: int = 128,
                  random_crop: bool = True, seed: int = 0, *, max_open_files: int | None = None):
-        import h5py
         import hdf5plugin  # noqa: F401  (registers the Blosc filter the chunks are compressed with)
 
         # Per-process state first: HDF5 handles (opened lazily), h5py dataset objects, valid-offset lists.
@@ -115,7 +115,7 @@ class PretrainDataset(_Base):
         crs_lookup: dict[str, int] = {}
         same_patch = patch_size == m.patch_size
         for k, c in enumerate(self.chunks):
-            with h5py.File(m.chunk_path(c), "r") as f:
+            with open_h5_read(m.chunk_path(c)) as f:
                 n = f[fmt.GRID_CELL].shape[0]
                 if n != c.n_cells:
                     raise ValueError(f"{m.chunk_path(c)} holds {n} cells but the manifest says {c.n_cells}: the "
@@ -196,7 +196,6 @@ class PretrainDataset(_Base):
         self.close()
 
     def _file(self, k: int):
-        import h5py
         import hdf5plugin  # noqa: F401
 
         if self._pid != os.getpid():
@@ -208,7 +207,7 @@ class PretrainDataset(_Base):
         f = self._files.get(k)
         if f is None:
             # Random crops rarely touch a chunk twice: a small chunk cache keeps memory per open file low.
-            f = h5py.File(self.manifest.chunk_path(self.chunks[k]), "r", rdcc_nbytes=1 << 20)
+            f = open_h5_read(self.manifest.chunk_path(self.chunks[k]), rdcc_nbytes=1 << 20)
             self._files[k] = f
             while len(self._files) > self.max_open_files:
                 old_k, old = self._files.popitem(last=False)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from phileo.config import ConfigError
-from phileo.launch.preflight import PreflightReport
+from phileo.launch import slurm as slurm_cli
+from phileo.launch.preflight import PreflightReport, check_script_values
 from phileo.launch.resources import JobResources, resolve_resources
 from phileo.launch.sites import SiteProfile, available_sites, load_site
 
@@ -22,12 +25,14 @@ EXIT_REFUSED = 2  # bad arguments or failed preflight: nothing was submitted
 def add_site_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where")
     g.add_argument("--site", default=None,
-                   help=f"site profile: a name ({', '.join(available_sites())}) or a YAML path "
-                        f"(default: $PHILEO_SITE, else 'local')")
+                   help=f"site profile: a name ({', '.join(available_sites())}) or a YAML path (default: "
+                        f"$PHILEO_SITE; else, on a machine with SLURM, the profile whose cluster_name is this "
+                        f"cluster's; else 'local')")
     g.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
-                   help="slurm: submit with sbatch; local: the same job in local processes, no SLURM "
-                        "(--gpus-per-node N starts N processes, on CPU without GPUs); auto: slurm when sbatch "
-                        "is on PATH (default)")
+                   help="slurm: submit with sbatch (a --dry-run needs no SLURM here); local: the same job in local "
+                        "processes, no SLURM (--gpus-per-node N starts N processes, on CPU without GPUs); auto "
+                        "(default): slurm when sbatch is on PATH; without it, local only for one-node jobs of a "
+                        "site that allows it (the local profile), else slurm")
 
 
 def add_resource_args(p: argparse.ArgumentParser, gpus: bool = True) -> None:
@@ -55,10 +60,92 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true",
                    help="block until the job (requeues included) has ended; exit with its status")
     g.add_argument("--wait-timeout-s", type=float, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--after", action="append", default=[], metavar="JOBID",
+                   help="start only when job JOBID has succeeded (--dependency=afterok:JOBID; repeatable), e.g. "
+                        "the merge job launch_preprocess.py prints")
+    g.add_argument("--dependency", default=None, metavar="SPEC",
+                   help="any other SLURM dependency, e.g. afterany:123 (combined with --after)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, passed through quoted (repeatable): mail-type=END,FAIL "
+                        "mail-user=me@example.org reservation=R constraint=C exclusive ...")
 
 
-def pick_site(name: Optional[str]) -> SiteProfile:
-    return load_site(name or os.environ.get("PHILEO_SITE") or "local")
+# sbatch options the launcher writes itself from its own flags (and checks): --sbatch must not override them.
+MANAGED_SBATCH = {
+    "job-name": "--job-name", "partition": "--partition", "account": "--account", "qos": "--qos",
+    "nodes": "--nodes", "ntasks-per-node": "--gpus-per-node", "ntasks": "--nodes and --gpus-per-node",
+    "cpus-per-task": "--cpus-per-task", "gres": "--gpus-per-node", "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node", "mem": "--mem", "time": "--time", "signal": "--signal-delay-s",
+    "output": "--run-dir", "error": "--run-dir", "array": "the launcher (arrays are its own)",
+    "dependency": "--after or --dependency", "requeue": "--max-requeues", "open-mode": "the launcher",
+    "wckey": "the launcher", "kill-on-invalid-dep": "the launcher",
+}
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+_DEPENDENCY = re.compile(r"^[a-z_]+(:\d+(_\d+)?(\+\d+)?)*([,?][a-z_]+(:\d+(_\d+)?(\+\d+)?)*)*$")
+
+
+@dataclass
+class SubmitOptions:
+    """What --sbatch, --after and --dependency add to every job a launcher submits."""
+
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options (True: a flag without value)
+    after: list[str] = field(default_factory=list)  # job ids this job waits for (afterok)
+    dependency: Optional[str] = None  # the full SLURM dependency spec, or None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.sbatch or self.dependency)
+
+
+def submit_options(args: argparse.Namespace) -> SubmitOptions:
+    """Parses --sbatch KEY=VALUE, --after JOBID and --dependency SPEC; refuses (ConfigError) keys the launcher
+    sets itself, malformed keys, job ids and dependency specs, and values that cannot go into a script."""
+    extra: dict[str, Any] = {}
+    for item in getattr(args, "sbatch", None) or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not _SBATCH_KEY.match(key):
+            raise ConfigError(f"--sbatch {item!r}: the key must be an sbatch long option such as mail-type or "
+                              f"reservation (--sbatch mail-type=END)")
+        if key in MANAGED_SBATCH:
+            raise ConfigError(f"--sbatch {item!r}: the launcher writes --{key} itself; set it with "
+                              f"{MANAGED_SBATCH[key]} instead")
+        if sep and (problems := check_script_values({f"--sbatch {key}": value})):
+            raise ConfigError(problems[0])
+        extra[key] = value if sep else True
+    after = [str(a).strip() for a in getattr(args, "after", None) or []]
+    for job_id in after:
+        if not _JOB_ID.match(job_id):
+            raise ConfigError(f"--after {job_id!r} is not a SLURM job id (e.g. 1234567, or 1234567_3 for one "
+                              f"array task)")
+    spec = getattr(args, "dependency", None)
+    if spec is not None and not _DEPENDENCY.match(spec.strip()):
+        raise ConfigError(f"--dependency {spec!r} is not SLURM dependency syntax (e.g. afterany:123 or "
+                          f"afterok:123:456,singleton)")
+    parts = ([f"afterok:{':'.join(after)}"] if after else []) + ([spec.strip()] if spec else [])
+    return SubmitOptions(extra, after, ",".join(parts) or None)
+
+
+def pick_site(name: Optional[str], cluster: str = "auto") -> SiteProfile:
+    """The profile named by --site or $PHILEO_SITE; without either, the profile whose `cluster_name` is this
+    machine's SLURM cluster, or `local` on a machine without SLURM (or with --cluster local). Refuses
+    (ConfigError) a machine with SLURM that no profile is for, instead of rendering another cluster's profile."""
+    name = name or os.environ.get("PHILEO_SITE")
+    if name:
+        return load_site(name)
+    if cluster == "local" or not slurm_cli.have_sbatch():
+        return load_site("local")
+    here = slurm_cli.cluster_name_here()
+    for candidate in available_sites():
+        site = load_site(candidate)
+        if here and site.cluster_name == here:
+            print(f"site: {site.name} (this machine is SLURM cluster {here!r}; --site to choose another)",
+                  file=sys.stderr)
+            return site
+    raise ConfigError(f"this machine has SLURM (cluster {here or 'of unknown name'}) and no --site was given: pass "
+                      f"--site NAME ({', '.join(available_sites())}) or --site path/to/profile.yaml, or export "
+                      f"PHILEO_SITE; set `cluster_name: {here or '<ClusterName>'}` in a profile to have it picked here")
 
 
 def resources_from_args(site: SiteProfile, args: argparse.Namespace, saved: Optional[dict[str, Any]] = None,
@@ -95,7 +182,10 @@ def print_report(report: PreflightReport, file=None) -> None:
         print(f"preflight: {note}", file=file)
     for problem in report.problems:
         print(f"preflight ERROR: {problem}", file=file)
-    if report.ok:
+    if report.ok and report.unchecked:
+        print(f"preflight: all checks that can run here passed ({len(report.unchecked)} not run here: see above)",
+              file=file)
+    elif report.ok:
         print("preflight: all checks passed", file=file)
 
 

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import FinetuneJob, SweepTaskJob
-from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir, preflight
+from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, check_model, cost_note,
+                                     live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import _deep_merge, wait_and_report
+from phileo.launch.resources import job_cost
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
 from phileo.ranges import format_ranges as _ranges
@@ -92,21 +96,24 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit code: 0 submitted (with --wait: completed), 1 the run ended without completing, 2 refused."""
     args = build_finetune_parser().parse_args(argv)
     try:
-        site = cli.pick_site(args.site)
-        cluster = resolve_cluster(args.cluster)
+        site = cli.pick_site(args.site, args.cluster)
         if args.gpus_per_node is None:
             args.gpus_per_node = 1  # one fine-tuning run needs one GPU
         res = cli.resources_from_args(site, args, default_job_name="phileo-finetune")
+        cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
+        opts = cli.submit_options(args)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = (Path(args.run_dir).expanduser().absolute() if args.run_dir
                    else site.resolve_run_root() / f"{res.job_name}-{stamp}")
         cfg = build_finetune_config(args, run_dir)
     except ConfigError as e:
         return cli.refuse(str(e))
-    report = preflight(site, res, run_dir=run_dir, fresh_run=False)
+    report = preflight(site, res, run_dir=run_dir, fresh_run=False, live=cluster == "slurm", after=opts.after)
+    report.add(*check_finetune_inputs(site, [(cfg.model.name, cfg.model.init, cfg.data.root, cfg.data.task)],
+                                      flags=True))
     if cluster == "local":
-        report.problems += check_local_request(res)
-    plan = make_plan(cluster, site, res, run_dir / "logs")
+        report.problems += check_local_request(res, opts.any)
+    plan = make_plan(cluster, site, res, run_dir / "logs", dependency=opts.dependency, extra_sbatch=opts.sbatch)
     if args.dry_run:
         return cli.print_job_dry_run(plan, cluster, site, cfg, run_dir / "config.yaml", report)
     if (refused := cli.refused_by_preflight(report)) is not None:
@@ -116,10 +123,55 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     job = submit(plan, FinetuneJob(to_dict(cfg), max_requeues=res.max_requeues))
     update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), job_ids=[job.job_id])
-    print(f"submitted {cluster} job {job.job_id} ({res.describe_cost()})")
+    print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")
     return wait_and_report(job, run_dir, args.wait_timeout_s) if args.wait else cli.EXIT_OK
+
+
+def check_finetune_inputs(site: Any, runs: Iterable[tuple[str, str, str, str]],
+                          flags: bool = False) -> tuple[list[str], list[str]]:
+    """What a fine-tuning run reads, checked from here: the model name against the registry, model.init exists
+    (a weights file, a checkpoint, or a pretraining run folder with a complete checkpoint; 'scratch' reads
+    nothing), and data.root holds PhilEO Bench training files for the task. `runs` are (model.name, model.init,
+    data.root, data.task); each distinct value is checked once. Returns (problems, notes): one line per problem;
+    off the cluster, a path on a file system this machine does not have is a note (not checked)."""
+    from phileo.bench.data import BenchDataError, scan_bench_files
+    from phileo.bench.finetune import resolve_init
+
+    flag = {"model": "--model", "init": "--init", "data": "--data"} if flags else \
+        {"model": "model.name", "init": "model.init", "data": "data.root"}
+    problems: list[str] = []
+    notes: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for model, init, root, task in runs:
+        for kind, value in (("model", model), ("init", init), ("data", (root, task))):
+            if (kind, repr(value)) in seen:
+                continue
+            seen.add((kind, repr(value)))
+            path = init if kind == "init" else root if kind == "data" else None
+            if top := absent_here(path, site):
+                notes.append(not_here_note(flag[kind], path, top))
+            elif kind == "model":
+                problems += check_model(model, flag=flag["model"])
+            elif kind == "init":
+                try:
+                    resolve_init(init)
+                except FileNotFoundError as e:
+                    problems.append(str(e).replace(f"model.init={init}", f"{flag['init']} {init}", 1))
+            elif not root:
+                problems.append(f"no {flag['data']} given: pass the PhilEO Bench folder (the *_s2.npy files)")
+            else:
+                try:
+                    scan = scan_bench_files(root, task, "train")
+                except BenchDataError as e:
+                    problems.append(f"{flag['data']} {root}: {e}")
+                    continue
+                if not scan.files:
+                    problems.append(f"{flag['data']} {root} holds no *_train_s2.npy file with a {task} label: "
+                                    f"point it at the PhilEO Bench folder (python -m phileo.bench.data scan "
+                                    f"{root} lists what is there)")
+    return problems, notes
 
 
 # --------------------------------------------------------------------------------------------------- sweeps
@@ -172,11 +224,12 @@ def _launch_sweep(args: argparse.Namespace) -> int:
         specs = expand_sweep(sweep_path)
     except SweepError as e:
         return cli.refuse(str(e))
-    site = cli.pick_site(args.site)
-    cluster = resolve_cluster(args.cluster)
+    site = cli.pick_site(args.site, args.cluster)
     if args.gpus_per_node is None:
         args.gpus_per_node = 1  # one fine-tuning run per array task, on one GPU
     res = cli.resources_from_args(site, args, default_job_name=f"sweep-{sweep.name}")
+    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
+    opts = cli.submit_options(args)
     out = Path(args.out).expanduser().absolute() if args.out else site.resolve_run_root() / "sweeps" / sweep.name
     indices = parse_indices(args.indices) if args.indices else [s.index for s in specs]
     outside = [i for i in indices if i >= len(specs)]
@@ -195,18 +248,20 @@ def _launch_sweep(args: argparse.Namespace) -> int:
 
     report = PreflightReport()
     report.problems += check_limits(site, res)
-    report.problems += check_run_dir(out, fresh=False)
+    report.add(*run_dir_report(site, out, fresh=False, flag="--out"))
+    report.add(*check_sweep_inputs(site, sweep_path, [s for s in specs if s.index in set(indices)]))
     if cluster == "local":
-        report.problems += check_local_request(res)
+        report.problems += check_local_request(res, opts.any)
+    else:
+        report.add(*live_checks(site, res, opts.after))
     report.notes.append(f"{len(indices)} task(s) of {len(specs)} ({len(finished)} already finished"
                         f"{', skipped' if not args.all else ''}) as {len(groups)} array(s) of at most {max_array} "
                         f"(MaxArraySize), at most {parallel} at once")
-    total = (f"{res.gpu_hours * len(indices):g} GPU-hours" if res.gpus_per_node
-             else f"{res.node_hours * len(indices):g} node-hours")
-    report.notes.append(f"each task asks for {res.describe_cost()}; all together at most {total}")
+    report.notes.append(f"each task {cost_note(site, res)}; the sweep {cost_note(site, res, len(indices))}")
     logs = out / "logs"
     if args.dry_run:
-        plan = make_plan(cluster, site, res, logs, array_parallelism=parallel)
+        plan = make_plan(cluster, site, res, logs, array_parallelism=parallel, dependency=opts.dependency,
+                         extra_sbatch=opts.sbatch)
         for k, group in enumerate(groups):
             print(f"# ---- array {k + 1}/{len(groups)}: sweep tasks {_ranges(group)} ----")
             if k == 0:
@@ -223,8 +278,10 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     array_ids: list[str] = []
     previous: Optional[str] = None
     for group in groups:
+        # The first array waits for --after/--dependency; each later one for the array before it.
         plan = make_plan(cluster, site, res, logs, array_parallelism=parallel,
-                         dependency=f"afterany:{previous}" if previous else None)
+                         dependency=f"afterany:{previous}" if previous else opts.dependency,
+                         extra_sbatch=opts.sbatch)
         fns = [SweepTaskJob(str(sweep_path), i, str(out), max_requeues=res.max_requeues) for i in group]
         if cluster == "local":
             jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
@@ -243,6 +300,35 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     if not (args.wait or cluster == "local"):
         return cli.EXIT_OK
     return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s)
+
+
+_SWEEP_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what phileo.bench.sweep.expand_env expands on the node
+
+
+def check_sweep_inputs(site: Any, sweep_path: Path, specs: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Every ${VAR} the tasks use is set in this shell (the array tasks inherit its environment), then, with
+    them expanded, every task's model, init weights and data as `check_finetune_inputs` checks one run.
+    Returns (problems, notes)."""
+    from phileo.bench.sweep import build_task_config
+
+    used: dict[str, set[str]] = {}
+    for spec in specs:
+        for key, value in spec.overrides.items():
+            for text in (value if isinstance(value, list) else [value]):
+                for a, b in _SWEEP_VAR.findall(text) if isinstance(text, str) else []:
+                    used.setdefault(a or b, set()).add(key)
+    unset = sorted(v for v in used if v not in os.environ)
+    if unset:
+        keys = sorted({k for v in unset for k in used[v]})
+        return [f"sweep {sweep_path.name} uses {', '.join('${' + v + '}' for v in unset)} (in {', '.join(keys)}), "
+                f"not set in this shell: export {' '.join(v + '=...' for v in unset)} before submitting (the "
+                f"tasks inherit this shell's environment)"], []
+    runs = []
+    for spec in specs:
+        cfg = build_task_config(spec, sweep_path.parent)  # what the task will run, ${VAR}s expanded as there
+        runs.append((cfg.model.name, cfg.model.init, cfg.data.root, cfg.data.task))
+    problems, notes = check_finetune_inputs(site, runs)
+    return [f"sweep {sweep_path.name}: {p}" for p in problems], notes
 
 
 def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float]) -> list[Any]:

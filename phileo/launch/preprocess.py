@@ -5,7 +5,10 @@
     merge  (1 task, afterok) ... --merge                                    part manifests -> OUT/manifest.json
 
 On SLURM the three are queued at once, each waiting for the previous one to succeed (`--dependency=afterok`,
-`--kill-on-invalid-dep=yes` so a failed stage cancels the rest instead of leaving them pending forever). With
+`--kill-on-invalid-dep=yes` so a failed stage cancels the rest instead of leaving them pending forever); the
+merge job's id is printed so that pretraining can wait for it (`launch_pretrain.py --after <id>`). The jobs go
+to the site's CPU partition (`cpu_jobs` in the profile: Leonardo's DCGP nodes), whole nodes, with about 2/3 of
+the cores as converter workers (each worker decodes on one thread while writing on another). With
 `--cluster local` the same commands run as local processes, stage after stage, at most `--parallel` at a time.
 Flags the launcher does not know are passed to the converter (e.g. `--cells-per-chunk 2 --limit 100`).
 """
@@ -21,9 +24,11 @@ from phileo.config import ConfigError
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size
 from phileo.launch.jobs import CommandJob
-from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir
-from phileo.launch.submit import (base_job_id, make_plan, read_task_result, resolve_cluster, submit, submit_array,
-                                  update_launch_record, wait_for)
+from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, cost_note, live_checks,
+                                     not_here_note, run_dir_report)
+from phileo.launch.slurm import have_sbatch
+from phileo.launch.submit import (base_job_id, check_local_request, make_plan, read_task_result, resolve_cluster,
+                                  submit, submit_array, update_launch_record, wait_for)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONVERTER = REPO_ROOT / "preprocess" / "majortom_to_h5.py"
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", type=int, default=None, help="at most this many tasks at once (the %%K)")
     g.add_argument("--train-nodes", type=int, default=1,
                    help="training nodes the manifest's chunk assignment is made for (converter --nodes)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="converter worker processes per task (default: about 2/3 of the task's cores)")
     g.add_argument("--log-dir", default=None, help="job scripts and logs (default: OUT/logs)")
     cli.add_run_args(p)
     return p
@@ -61,6 +68,12 @@ def converter_argv(args: argparse.Namespace, extra: Sequence[str], python: str =
     }
 
 
+def default_workers(cores: int) -> int:
+    """Converter workers for a task with `cores` cores: about 2/3 of them (README, "Convert"), since each worker
+    decodes on one thread while its writes go on another."""
+    return max(1, cores * 2 // 3)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Returns 0 when submitted (or, waiting / locally, when the manifest was merged), 1 when a stage failed,
     2 when refused before anything was submitted."""
@@ -72,38 +85,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch(args: argparse.Namespace, extra: list[str]) -> int:
-    site = cli.pick_site(args.site)
-    cluster = resolve_cluster(args.cluster)
+    site = cli.pick_site(args.site, args.cluster)
+    # CPU-only work: the site's CPU partition, unless --partition names the GPU one on purpose.
+    if args.partition is None or args.partition != site.partition:
+        site = site.for_cpu_jobs()
     if args.tasks < 1:
         return cli.refuse(f"--tasks must be >= 1, got {args.tasks}")
     res = cli.resources_from_args(site, args, default_job_name="phileo-preprocess", tasks_per_node=1,
                                   gpus_per_node=0, nodes=1)
-    args.workers = res.cpus_per_task
+    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
+    opts = cli.submit_options(args)
+    if args.workers is None:
+        args.workers = default_workers(res.cpus_per_task)
     out = Path(args.out).absolute()
     log_dir = Path(args.log_dir).absolute() if args.log_dir else out / "logs"
     report = PreflightReport()
     report.problems += check_limits(site, res)
-    report.problems += check_run_dir(out, fresh=False)
-    report.problems += check_run_dir(log_dir, fresh=False) if args.log_dir else []
-    if not Path(args.source).exists():
+    report.add(*run_dir_report(site, out, fresh=False, flag="--out"))
+    if args.log_dir:
+        report.add(*run_dir_report(site, log_dir, fresh=False, flag="--log-dir"))
+    if args.workers < 1 or args.workers > res.cpus_per_task:
+        report.problems.append(f"--workers {args.workers} for {res.cpus_per_task} core(s) per task: use 1 to "
+                               f"{res.cpus_per_task} (default {default_workers(res.cpus_per_task)}, about 2/3)")
+    if top := absent_here(args.source, site):
+        report.notes.append(not_here_note("--source", args.source, top))
+    elif not Path(args.source).exists():
         report.problems.append(f"--source {args.source} does not exist (it must be on a file system the compute "
                                f"nodes see)")
     if not CONVERTER.is_file():
         report.problems.append(f"the converter {CONVERTER} is missing from this checkout")
-    max_array = site_max_array_size(site, ask_slurm=cluster == "slurm")
+    max_array = site_max_array_size(site, ask_slurm=cluster == "slurm" and have_sbatch())
     if args.tasks > max_array:
         report.problems.append(f"--tasks {args.tasks} is more than this site's MaxArraySize ({max_array}); use "
                                f"--tasks {max_array} or fewer (each task then converts more chunks)")
-    report.notes.append(f"{args.tasks} array task(s) x {res.describe_cost()} at most")
+    if cluster == "slurm":
+        report.add(*live_checks(site, res, opts.after))
+    else:
+        report.problems += check_local_request(res, opts.any)
+    report.notes.append(f"{res.partition or 'default partition'}: {args.tasks} array task(s) of {res.cpus_per_task} "
+                        f"core(s), {args.workers} converter worker(s) each")
+    report.notes.append(f"the array {cost_note(site, res, args.tasks)}; with the plan and merge jobs (same time "
+                        f"limit, usually minutes) {cost_note(site, res, args.tasks + 2)}")
     parallel = args.parallel or args.tasks
     cmds = converter_argv(args, extra)
 
     plans = {
-        "plan": make_plan(cluster, site, res, log_dir / "plan", requeue=False),
+        "plan": make_plan(cluster, site, res, log_dir / "plan", requeue=False, dependency=opts.dependency,
+                          extra_sbatch=opts.sbatch),
         "array": make_plan(cluster, site, res, log_dir / "array", requeue=False, array_parallelism=parallel,
-                           dependency="afterok:<plan job>"),
+                           dependency="afterok:<plan job>", extra_sbatch=opts.sbatch),
         "merge": make_plan(cluster, site, res, log_dir / "merge", requeue=False,
-                           dependency="afterok:<array job>"),
+                           dependency="afterok:<array job>", extra_sbatch=opts.sbatch),
     }
     if args.dry_run:
         for stage, plan in plans.items():
@@ -124,10 +156,11 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
 
     plan_job = submit(plans["plan"], CommandJob(cmds["plan"]))
     array_plan = make_plan(cluster, site, res, log_dir / "array", requeue=False, array_parallelism=parallel,
-                           dependency=f"afterok:{plan_job.job_id}")
+                           dependency=f"afterok:{plan_job.job_id}", extra_sbatch=opts.sbatch)
     array_jobs = submit_array(array_plan, [CommandJob(c) for c in cmds["tasks"]])
     array_id = base_job_id(array_jobs[0].job_id)
-    merge_plan = make_plan(cluster, site, res, log_dir / "merge", requeue=False, dependency=f"afterok:{array_id}")
+    merge_plan = make_plan(cluster, site, res, log_dir / "merge", requeue=False, dependency=f"afterok:{array_id}",
+                           extra_sbatch=opts.sbatch)
     merge_job = submit(merge_plan, CommandJob(cmds["merge"]))
     update_launch_record(log_dir, kind="preprocess", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), stages={"plan": plan_job.job_id, "array": array_id,
@@ -137,6 +170,8 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
           f"merge job {merge_job.job_id} (afterok)")
     print(f"output:  {out} (manifest.json when the merge job has run)")
     print(f"logs:    {log_dir}")
+    print(f"merge job id: {merge_job.job_id}")
+    print(f"chain pretraining to it: python jobs/launch_pretrain.py --after {merge_job.job_id} --data {out} ...")
     if not args.wait:
         return cli.EXIT_OK
     return _report([("plan", [plan_job]), ("array", array_jobs), ("merge", [merge_job])], args.wait_timeout_s)

@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.jobs import PretrainJob
-from phileo.launch.preflight import PreflightReport, preflight
+from phileo.launch.preflight import PreflightReport, check_model, preflight
+from phileo.launch.resources import job_cost
 from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
                                   resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
@@ -96,17 +97,13 @@ def build_config(args: argparse.Namespace, run_dir: Path, num_workers: Optional[
     return apply_overrides(cfg, list(args.overrides))
 
 
-def count_chunks(data_root: Path) -> int:
-    """Chunks listed in the shard manifest under `data_root` (phileo.data.load_manifest reads and checks it)."""
+def list_chunks(data_root: Path) -> list[tuple[Path, int]]:
+    """(file, recorded bytes) of every chunk in the shard manifest under `data_root` (phileo.data.load_manifest
+    reads and checks it); preflight stats each file against its size."""
     from phileo.data import load_manifest
 
     manifest = load_manifest(data_root)
-    chunks = getattr(manifest, "chunks", None)
-    if chunks is None and isinstance(manifest, dict):
-        chunks = manifest.get("chunks")
-    if chunks is None:
-        raise ConfigError(f"the manifest under {data_root} lists no chunks")
-    return len(chunks)
+    return [(manifest.chunk_path(c), c.bytes) for c in manifest.chunks]
 
 
 def is_run_dir(p: Path) -> bool:
@@ -150,9 +147,10 @@ def _launch(args: argparse.Namespace) -> int:
         args.site = args.site or (saved_site if saved_site and Path(saved_site).is_file() else record.get("site"))
         if args.cluster == "auto" and record.get("cluster"):
             args.cluster = record["cluster"]
-    site = cli.pick_site(args.site)
-    cluster = resolve_cluster(args.cluster)
+    site = cli.pick_site(args.site, args.cluster)
     res = cli.resources_from_args(site, args, saved, default_job_name="phileo-pretrain")
+    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
+    opts = cli.submit_options(args)
     if not args.resume:
         run_dir = (Path(args.run_dir).expanduser().absolute() if args.run_dir
                    else default_run_dir(site, res.job_name))
@@ -162,10 +160,12 @@ def _launch(args: argparse.Namespace) -> int:
     data_root = Path(cfg.data.root) if getattr(cfg.data, "root", None) else None
 
     report: PreflightReport = preflight(site, res, run_dir=run_dir, fresh_run=not args.resume,
-                                        is_run=is_run_dir, data_root=data_root, count_chunks=count_chunks)
+                                        is_run=is_run_dir, data_root=data_root, list_chunks=list_chunks,
+                                        live=cluster == "slurm", after=opts.after)
+    report.problems[:0] = check_model(cfg.model.name, cfg.model.overrides)
     if cluster == "local":
-        report.problems += check_local_request(res)
-    plan = make_plan(cluster, site, res, run_dir / "logs")
+        report.problems += check_local_request(res, opts.any)
+    plan = make_plan(cluster, site, res, run_dir / "logs", dependency=opts.dependency, extra_sbatch=opts.sbatch)
 
     if args.dry_run:
         return cli.print_job_dry_run(plan, cluster, site, cfg, run_dir / CONFIG_FILE, report)
@@ -177,7 +177,7 @@ def _launch(args: argparse.Namespace) -> int:
     job = submit(plan, PretrainJob(to_dict(cfg), max_requeues=res.max_requeues))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
-    print(f"submitted {cluster} job {job.job_id} ({res.describe_cost()})")
+    print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"job logs:    {run_dir / 'logs'}")
     print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")

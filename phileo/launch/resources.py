@@ -10,6 +10,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 from phileo.config import ConfigError
@@ -22,7 +23,9 @@ def parse_time_min(value: str | int) -> int:
     """SLURM time syntax to whole minutes (seconds round up).
 
     Accepts what `sbatch --time` accepts: "90" (minutes), "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM",
-    "D-HH:MM:SS", and an int (minutes). Refuses anything else and zero.
+    "D-HH:MM:SS", and an int (minutes). Refuses anything else, zero, and fields out of range (minutes or seconds
+    of 60 and more after the first field, hours of 24 and more after a day count): SLURM would silently carry
+    them over, so 99:99:99 would become 4-04:41:00.
     """
     if isinstance(value, int) and not isinstance(value, bool):
         minutes = value
@@ -35,10 +38,13 @@ def parse_time_min(value: str | int) -> int:
         days, a, b, c = m.groups()
         a, b, c = int(a), (int(b) if b else None), (int(c) if c else None)
         if days is not None:  # D-HH[:MM[:SS]]
+            _check_time_fields(value, [("hours", a, 24), ("minutes", b, 60), ("seconds", c, 60)])
             seconds = int(days) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
         elif c is not None:  # HH:MM:SS
+            _check_time_fields(value, [("minutes", b, 60), ("seconds", c, 60)])
             seconds = a * 3600 + b * 60 + c
         elif b is not None:  # MM:SS
+            _check_time_fields(value, [("seconds", b, 60)])
             seconds = a * 60 + b
         else:  # minutes
             seconds = a * 60
@@ -46,6 +52,13 @@ def parse_time_min(value: str | int) -> int:
     if minutes <= 0:
         raise ConfigError(f"--time {value!r} must be at least one minute")
     return minutes
+
+
+def _check_time_fields(value: Any, fields: list[tuple[str, Optional[int], int]]) -> None:
+    for name, number, limit in fields:
+        if number is not None and number >= limit:
+            raise ConfigError(f"--time {value!r}: {name} {number} is not below {limit}; write the walltime as "
+                              f"D-HH:MM:SS (e.g. 1-12:00:00 for 36 hours)")
 
 
 def parse_mem_mb(value: str | int) -> int:
@@ -89,12 +102,6 @@ class JobResources:
     @property
     def gpu_hours(self) -> float:
         return self.node_hours * self.gpus_per_node
-
-    def describe_cost(self) -> str:
-        text = (f"{self.nodes} node(s) x {format_minutes(self.time_min)} = {self.node_hours:g} node-hours")
-        if self.gpus_per_node:
-            text += f" ({self.gpu_hours:g} GPU-hours)"
-        return text
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,3 +166,69 @@ def resolve_resources(site: SiteProfile, *, nodes: Optional[int] = None, gpus_pe
         signal_delay_s=site.signal_delay_s if signal_delay_s is None else signal_delay_s,
         max_requeues=site.max_requeues if max_requeues is None else max_requeues,
     )
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """What a job (or `count` array tasks of it) may be billed at most: every task running its full walltime."""
+
+    count: int  # array tasks; 1 for a single job
+    nodes: int
+    time_min: int
+    node_share: float  # the share of each node billed (1.0 = whole nodes)
+    share_reason: str  # what sets the share, e.g. "1 of 4 GPUs"
+    gpus_per_node: int
+    node_cpus: int
+    unit: str  # what the site's budget counts (Charging.unit)
+
+    @property
+    def node_hours(self) -> float:
+        return self.count * self.nodes * self.node_share * self.time_min / 60.0
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.count * self.nodes * self.gpus_per_node * self.time_min / 60.0
+
+    @property
+    def core_hours(self) -> float:
+        return self.node_hours * self.node_cpus
+
+    def amount(self, unit: str) -> float:
+        return {"node-hours": self.node_hours, "gpu-hours": self.gpu_hours, "core-hours": self.core_hours}[unit]
+
+    def describe(self) -> str:
+        """E.g. '64 task(s) x 1 node(s) x 08:00:00 = 512 node-hours', '1 node(s) x 1-00:00:00 billed as 1/4 of
+        a node (1 of 4 GPUs) = 6 node-hours (24 GPU-hours)': the site's unit first, the others in brackets."""
+        tasks = f"{self.count} task(s) x " if self.count != 1 else ""
+        share = ""
+        if self.node_share < 1:
+            share = f" billed as {_fraction(self.node_share)} of a node ({self.share_reason})"
+        names = {"node-hours": "node-hours", "gpu-hours": "GPU-hours", "core-hours": "core-hours"}
+        others = [u for u in ("node-hours", "gpu-hours") if u != self.unit and (u != "gpu-hours" or self.gpus_per_node)]
+        extra = ", ".join(f"{self.amount(u):g} {names[u]}" for u in others)
+        return (f"{tasks}{self.nodes} node(s) x {format_minutes(self.time_min)}{share} = "
+                f"{self.amount(self.unit):g} {names[self.unit]}" + (f" ({extra})" if extra else ""))
+
+
+def _fraction(x: float) -> str:
+    f = Fraction(x).limit_denominator(128)
+    return f"{f.numerator}/{f.denominator}" if abs(float(f) - x) < 1e-9 else f"{x:.0%}"
+
+
+def job_cost(site: SiteProfile, res: JobResources, count: int = 1) -> JobCost:
+    """The most `count` tasks of `res` can cost on `site`, billed as the site's `charging` says: whole nodes, or
+    the largest share of a node's GPUs, cores and memory the job holds (a 1-GPU job on a 4-GPU node: 1/4)."""
+    node = site.node
+    share, reason = 1.0, "whole nodes"
+    if site.charging.by == "share":
+        # GPUs first: on a tie they are the reason given.
+        shares = [(res.gpus_per_node / node.gpus, f"{res.gpus_per_node} of {node.gpus} GPUs")] if node.gpus else []
+        shares.append((res.tasks_per_node * res.cpus_per_task / node.cpus,
+                       f"{res.tasks_per_node * res.cpus_per_task} of {node.cpus} cores"))
+        if res.mem is not None and node.mem_mb:
+            mem_mb = parse_mem_mb(res.mem)
+            shares.append((1.0 if mem_mb == 0 else mem_mb / node.mem_mb, f"{res.mem} of {node.mem_mb}M memory"))
+        share, reason = max(shares, key=lambda s: s[0])
+        share = min(1.0, share)
+    return JobCost(count=count, nodes=res.nodes, time_min=res.time_min, node_share=share, share_reason=reason,
+                   gpus_per_node=res.gpus_per_node, node_cpus=node.cpus, unit=site.charging.unit)

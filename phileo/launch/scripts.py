@@ -72,11 +72,12 @@ def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -
 
 def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optional[dict[str, str]] = None,
                      array_parallelism: Optional[int] = None, dependency: Optional[str] = None,
-                     requeue: bool = True) -> dict[str, Any]:
+                     requeue: bool = True, extra_sbatch: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Parameters for submitit's SlurmExecutor (its own names), from a resolved request.
 
     Returns a dict for `SlurmExecutor.update_parameters`; values that are None are left out so SLURM's own
-    defaults apply. `dependency` is SLURM syntax (e.g. "afterok:123").
+    defaults apply. `dependency` is SLURM syntax (e.g. "afterok:123"). `extra_sbatch` ({"mail-type": "END",
+    "exclusive": True}) adds options (--sbatch); submitit shell-quotes their values like every other.
     """
     params: dict[str, Any] = {
         "job_name": res.job_name,
@@ -102,6 +103,7 @@ def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optiona
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     if array_parallelism is not None:
         params["array_parallelism"] = array_parallelism
+    params["additional_parameters"].update(extra_sbatch or {})
     return {k: v for k, v in params.items() if v is not None or k == "wckey"}
 
 

@@ -12,6 +12,7 @@ may requeue itself. Profiles are validated into `SiteProfile` when loaded; a mis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -88,6 +89,42 @@ class JobDefaults:
         return self.num_workers if self.num_workers is not None else max(0, cpus_per_task - 1)
 
 
+CHARGE_UNITS = ("node-hours", "gpu-hours", "core-hours")
+CHARGE_BY = ("share", "node")
+
+
+@dataclass
+class Charging:
+    """How the site bills a job against the project's budget, so the launcher can say what a job costs."""
+
+    unit: str = "node-hours"  # what the budget counts: node-hours | gpu-hours | core-hours
+    # share: a job is billed for the largest share of a node's GPUs, cores or memory it holds (1 of 4 GPUs = 1/4
+    # node); node: every node is billed whole (exclusive nodes).
+    by: str = "share"
+
+    def validate(self) -> None:
+        if self.unit not in CHARGE_UNITS:
+            raise ConfigError(f"charging.unit must be one of {', '.join(CHARGE_UNITS)}, got {self.unit!r}")
+        if self.by not in CHARGE_BY:
+            raise ConfigError(f"charging.by must be one of {', '.join(CHARGE_BY)}, got {self.by!r}")
+
+
+@dataclass
+class CpuJobs:
+    """Where CPU-only jobs (preprocessing) go when the site has a CPU partition beside its GPU one.
+
+    Every field left unset (None) is the site's own; `node` describes the CPU partition's nodes.
+    """
+
+    partition: Optional[str] = None
+    node: Optional[NodeType] = None
+    default_qos: Optional[str] = None
+    qos: Optional[list[QosLimit]] = None
+    max_nodes: Optional[int] = None
+    max_time_min: Optional[int] = None
+    charging: Optional[Charging] = None
+
+
 @dataclass
 class SiteProfile:
     """A cluster's facts and defaults. Load with `load_site`; every field is documented in slurm/sites/*.yaml."""
@@ -111,6 +148,17 @@ class SiteProfile:
     signal_delay_s: int = 120  # USR2 this long before the time limit: enough to write a checkpoint
     max_requeues: int = 10
     max_array_size: Optional[int] = None  # None: ask `scontrol show config` (MaxArraySize) at submission
+    # SLURM's ClusterName of this site (`scontrol show config`): picks the profile when --site is not given, and
+    # says whether the live checks (sinfo, sacctmgr) of this machine are about this site.
+    cluster_name: Optional[str] = None
+    # --cluster auto may run this site's one-node jobs as local processes when there is no sbatch (the laptop /
+    # dev profile). Off for real clusters: their jobs are never turned into local ones.
+    local_fallback: bool = False
+    charging: Charging = field(default_factory=Charging)
+    # The site's own file systems (top folders such as /leonardo_work): a path under one that this machine does
+    # not have (a laptop) is noted "not checked here" by preflight instead of refused.
+    mounts: list[str] = field(default_factory=list)
+    cpu_jobs: Optional[CpuJobs] = None  # the CPU partition for CPU-only jobs (None: the same partition)
     path: str = ""  # the file it was loaded from (set by load_site)
 
     def validate(self) -> None:
@@ -134,6 +182,26 @@ class SiteProfile:
                 raise ConfigError(f"site {self.name}: env {k}={v!r} contains a quote, backslash, backtick, "
                                   f"newline or $(...); only plain values and $VARIABLES are allowed")
         self.env = {str(k): str(v) for k, v in self.env.items()}
+        self.charging.validate()
+        if self.cpu_jobs is not None:
+            if self.cpu_jobs.node is not None:
+                self.cpu_jobs.node.validate()
+            if self.cpu_jobs.charging is not None:
+                self.cpu_jobs.charging.validate()
+            for q in self.cpu_jobs.qos or []:
+                q.validate()
+
+    def for_cpu_jobs(self) -> "SiteProfile":
+        """The profile CPU-only jobs are checked and written against: the `cpu_jobs` partition where the site
+        has one (its node type, QOS table, limits and charging), else this profile unchanged."""
+        c = self.cpu_jobs
+        if c is None:
+            return self
+        changes = {k: getattr(c, k) for k in ("partition", "node", "qos", "max_nodes", "max_time_min", "charging")
+                   if getattr(c, k) is not None}
+        if c.qos is not None or c.default_qos is not None:
+            changes["default_qos"] = c.default_qos
+        return dataclasses.replace(self, cpu_jobs=None, **changes)
 
     def find_qos(self, name: str) -> Optional[QosLimit]:
         return next((q for q in self.qos if q.name == name), None)
@@ -189,6 +257,7 @@ def load_site(name_or_path: str | os.PathLike) -> SiteProfile:
         for q in site.qos:
             q.validate()
         site.validate()
+        site.for_cpu_jobs().validate()
     except ConfigError as e:
         raise ConfigError(f"site profile {path}: {e}") from None
     site.path = str(path)

@@ -8,10 +8,18 @@ before writing its result and `result()` waits forever. Here we ask `squeue` whe
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
+
+# The client commands the launchers and their tests use; a machine without them is a laptop (dry runs only).
+CLIENT_TOOLS = ("sbatch", "squeue", "sinfo", "scontrol", "srun", "sacct", "sacctmgr", "scancel")
+# Where slurm.conf is found when $SLURM_CONF is not set (Debian/RHEL packages, configless clients' cache).
+SLURM_CONF_PLACES = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf", "/run/slurm/conf/slurm.conf",
+                     "/var/spool/slurmd/conf-cache/slurm.conf")
 
 # States in which a job (or one of its array tasks) may still produce a result.
 ACTIVE_STATES = frozenset({
@@ -29,7 +37,7 @@ def job_states(job_id: str | int) -> list[str]:
     try:
         out = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"],
                              capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
+    except (OSError, subprocess.TimeoutExpired):
         return ["UNKNOWN"]  # controller busy: assume alive and ask again later
     if out.returncode != 0:
         # "Invalid job id specified": the record was purged, so nothing of it runs any more.
@@ -103,10 +111,10 @@ def sbatch(script: str | os.PathLike, args: Iterable[str] = (), env: dict[str, s
     return out.stdout.strip().split(";")[0]
 
 
-def scontrol_config_value(key: str, default: str | None = None) -> str | None:
+def scontrol_config_value(key: str, default: str | None = None, timeout_s: float = 30) -> str | None:
     """A value from `scontrol show config` (e.g. MaxArraySize); `default` when SLURM does not answer."""
     try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
         return default
     for line in out.stdout.splitlines():
@@ -114,3 +122,52 @@ def scontrol_config_value(key: str, default: str | None = None) -> str | None:
         if k.strip() == key:
             return v.strip()
     return default
+
+
+def have_sbatch() -> bool:
+    """True when this machine can submit (the SLURM client is on PATH); says nothing about a controller."""
+    return shutil.which("sbatch") is not None
+
+
+def cluster_name_here() -> Optional[str]:
+    """SLURM's ClusterName on this machine: read from slurm.conf (no controller needed), else asked of
+    `scontrol show config`; None when there is no SLURM client or neither says."""
+    if not have_sbatch():
+        return None
+    places = [os.environ["SLURM_CONF"]] if os.environ.get("SLURM_CONF") else list(SLURM_CONF_PLACES)
+    for place in places:
+        try:
+            text = Path(place).read_text(errors="replace")
+        except OSError:
+            continue
+        m = re.search(r"^\s*ClusterName\s*=\s*(\S+)", text, re.MULTILINE | re.IGNORECASE)
+        if m:
+            return m.group(1).strip()
+    return scontrol_config_value("ClusterName", timeout_s=10)
+
+
+def _answer(cmd: list[str], timeout_s: float = 20) -> str:
+    """stdout of a SLURM client command; RuntimeError with its message when it fails or does not answer."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{cmd[0]} did not answer: {e}") from None
+    if out.returncode != 0:
+        message = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise RuntimeError(f"{cmd[0]}: {message[-1] if message else f'exit {out.returncode}'}")
+    return out.stdout
+
+
+def partitions_here() -> list[str]:
+    """Partition names `sinfo` lists on this cluster. RuntimeError when sinfo does not answer."""
+    return sorted({p.strip() for p in _answer(["sinfo", "-h", "-o", "%R"]).split() if p.strip()})
+
+
+def user_accounts(user: Optional[str] = None) -> list[str]:
+    """Accounts (projects) `user` may charge, from the accounting database (`sacctmgr`). RuntimeError when there
+    is no accounting database or sacctmgr does not answer."""
+    if shutil.which("sacctmgr") is None:
+        raise RuntimeError("no sacctmgr here")
+    user = user or os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+    text = _answer(["sacctmgr", "-nP", "show", "assoc", f"where user={user}", "format=account"])
+    return sorted({a.strip() for a in text.split() if a.strip()})

@@ -13,7 +13,6 @@ import contextlib
 import datetime as _dt
 import os
 import pickle
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,29 +24,44 @@ from phileo.launch.resources import JobResources
 from phileo.launch.scripts import (local_environment, make_local_executor, make_slurm_executor, render_sbatch,
                                    slurm_parameters)
 from phileo.launch.sites import SiteProfile
-from phileo.launch.slurm import job_active
+from phileo.launch.slurm import have_sbatch, job_active
 
 LAUNCH_RECORD = "launch.json"
 
 
-def resolve_cluster(cluster: str) -> str:
-    """'auto' -> 'slurm' when sbatch is on PATH, else 'local'; 'slurm' without sbatch is refused."""
-    if cluster == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
-    if cluster == "slurm" and not shutil.which("sbatch"):
-        raise ConfigError("--cluster slurm but `sbatch` is not on PATH here: run on a login node, or use "
-                          "--cluster local to run the same job in local processes")
-    if cluster not in ("slurm", "local"):
+def resolve_cluster(cluster: str, site: SiteProfile, nodes: int = 1, dry_run: bool = False) -> str:
+    """Where the job goes: 'slurm' or 'local'. Refuses (ConfigError) what cannot happen here.
+
+    'auto' is slurm when sbatch is on PATH; without it, local only for a one-node job of a site with
+    `local_fallback` (the laptop/dev profile), so a cluster's job, and any multi-node job, is never turned into
+    local processes. A dry run never needs SLURM: it renders the SLURM script on any machine. A real submission
+    to SLURM without sbatch is refused.
+    """
+    if cluster not in ("slurm", "local", "auto"):
         raise ConfigError(f"--cluster must be slurm, local or auto, got {cluster!r}")
+    if cluster == "auto":
+        if have_sbatch():
+            return "slurm"
+        cluster = "local" if site.local_fallback and nodes == 1 else "slurm"
+    if cluster == "slurm" and not dry_run and not have_sbatch():
+        raise ConfigError(f"site {site.name} jobs go to SLURM, and `sbatch` is not on PATH here: submit from the "
+                          f"site's login node (add --dry-run to see the job here){_local_hint(site, nodes)}")
     return cluster
 
 
-def check_local_request(res: JobResources) -> list[str]:
+def _local_hint(site: SiteProfile, nodes: int) -> str:
+    return ", or use --cluster local --nodes 1 for local processes" if site.local_fallback or nodes == 1 else ""
+
+
+def check_local_request(res: JobResources, sbatch_options: bool = False) -> list[str]:
     """What a local (no SLURM) run cannot do."""
+    problems = []
     if res.nodes != 1:
-        return [f"--cluster local runs on this one machine: use --nodes 1 (got {res.nodes}); "
-                f"--gpus-per-node N starts N processes"]
-    return []
+        problems.append(f"--cluster local runs on this one machine: use --nodes 1 (got {res.nodes}); "
+                        f"--gpus-per-node N starts N processes")
+    if sbatch_options:
+        problems.append("--sbatch, --after and --dependency are SLURM options: drop them with --cluster local")
+    return problems
 
 
 def local_uses_gpus(n_tasks: int) -> bool:
@@ -110,11 +124,12 @@ class Plan:
 
 def make_plan(cluster: str, site: SiteProfile, res: JobResources, folder: Path, *,
               extra_env: Optional[dict[str, str]] = None, array_parallelism: Optional[int] = None,
-              dependency: Optional[str] = None, requeue: bool = True, python: Optional[str] = None) -> Plan:
+              dependency: Optional[str] = None, requeue: bool = True, python: Optional[str] = None,
+              extra_sbatch: Optional[dict[str, Any]] = None) -> Plan:
     params = None
     if cluster == "slurm":
         params = slurm_parameters(site, res, extra_env=extra_env, array_parallelism=array_parallelism,
-                                  dependency=dependency, requeue=requeue)
+                                  dependency=dependency, requeue=requeue, extra_sbatch=extra_sbatch)
     return Plan(cluster, site, res, Path(folder), params, extra_env, python)
 
 

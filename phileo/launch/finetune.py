@@ -49,8 +49,7 @@ def _finetune_config_class():
 
 # ------------------------------------------------------------------------------------------ one fine-tuning run
 def build_finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_finetune.py",
-                                description="Submit one PhilEO Bench fine-tuning run (requeues itself at the "
+    p = argparse.ArgumentParser(description="Submit one PhilEO Bench fine-tuning run (requeues itself at the "
                                             "time limit).",
                                 epilog="Any other config key: key=value (e.g. train.max_epochs=50).")
     cli.add_site_args(p)
@@ -121,8 +120,7 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
 
 # --------------------------------------------------------------------------------------------------- sweeps
 def build_sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_sweep.py",
-                                description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
+    p = argparse.ArgumentParser(description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
                                             "split only where the site's MaxArraySize demands it.")
     p.add_argument("sweep", help="sweep file (see phileo.bench.sweep), e.g. slurm/sweeps/phileo_bench.yaml")
     cli.add_site_args(p)

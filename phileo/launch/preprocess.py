@@ -36,7 +36,6 @@ def command_job(argv: Sequence[str]) -> TrainingJob:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch_preprocess.py",
         description="Convert MajorTOM into HDF5 chunks + manifest as a SLURM job array and a dependent merge "
                     "job (or the same locally). Unknown flags go to preprocess/majortom_to_h5.py.")
     cli.add_site_args(p)

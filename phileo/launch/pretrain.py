@@ -41,7 +41,6 @@ CONFIG_FILE = "config.yaml"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch_pretrain.py",
         description="Submit PhilEO pretraining as a multi-node SLURM job (or local processes), checked against "
                     "the site's limits first, requeueing itself at the walltime limit.",
         epilog="Any other config key: key=value (e.g. optim.lr=3e-4 checkpoint.every_steps=500).")

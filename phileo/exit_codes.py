@@ -4,7 +4,8 @@
     1    FAILED     the job failed, or a launcher's --wait saw it end without completing
     2    REFUSED    a bad command line, config, sweep file or preflight: nothing ran, nothing was submitted
     75   PREEMPTED  stopped before the time limit with a checkpoint (EX_TEMPFAIL, "try again later"): running the
-                    same thing again (a requeue, the same command, `--resume`) continues from that checkpoint
+                    same thing again (a requeue, the same command, `--resume`) continues from that checkpoint.
+                    In a multi-process job global rank 0 exits with it, the other ranks with 0 (`on_this_rank`)
     144  LOCAL_REQUEUE  only between a task and submitit's local controller, which restarts the tasks when one
                     exits with it (the local stand-in for `scontrol requeue`); no command returns it
 
@@ -16,6 +17,7 @@ the job's final status here), and the batch scripts slurm/*.sh, which requeue on
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional
 
 OK = 0
@@ -43,4 +45,14 @@ def for_statuses(statuses: Iterable[Optional[str]]) -> int:
     return OK
 
 
-__all__ = ["OK", "FAILED", "REFUSED", "PREEMPTED", "LOCAL_REQUEUE", "for_status", "for_statuses"]
+def on_this_rank(code: int) -> int:
+    """`code` as this process should exit with it: PREEMPTED only on global rank 0 (RANK, which the engine
+    exports), OK on the others. srun's step status is its tasks' highest, so rank 0 alone reports the stop; a
+    non-zero exit on another rank would make `srun --kill-on-bad-exit` (or torchrun) end rank 0 while it still
+    closes its log and TensorBoard."""
+    if code == PREEMPTED and os.environ.get("RANK", "0") != "0":
+        return OK
+    return code
+
+
+__all__ = ["OK", "FAILED", "REFUSED", "PREEMPTED", "LOCAL_REQUEUE", "for_status", "for_statuses", "on_this_rank"]

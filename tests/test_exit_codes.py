@@ -22,6 +22,14 @@ def test_statuses_map_to_one_set_of_codes():
     assert exit_codes.for_statuses([]) == exit_codes.OK
 
 
+def test_only_global_rank_0_exits_preempted(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert exit_codes.on_this_rank(exit_codes.PREEMPTED) == exit_codes.OK
+    assert exit_codes.on_this_rank(exit_codes.FAILED) == exit_codes.FAILED  # a failure still ends the step
+    monkeypatch.setenv("RANK", "0")
+    assert exit_codes.on_this_rank(exit_codes.PREEMPTED) == exit_codes.PREEMPTED
+
+
 @pytest.mark.parametrize("script", ["slurm/pretrain.sbatch", "slurm/finetune_array.sh"])
 def test_batch_scripts_requeue_on_the_preempted_code(script):
     """Shell cannot import the module: its literal numbers must be the module's, and the requeue is on PREEMPTED."""

@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if outcome.status == "preempted":
                 print(f"sweep task {index} stopped before the time limit with a checkpoint; exit "
                       f"{exit_codes.PREEMPTED} asks for a requeue", flush=True)
-                return exit_codes.PREEMPTED
+                return exit_codes.on_this_rank(exit_codes.PREEMPTED)
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED

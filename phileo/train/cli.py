@@ -9,7 +9,6 @@ with a checkpoint (run again to continue; on global rank 0 only), 1 failed, 2 a 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Callable, Optional, TypeVar
 
@@ -49,8 +48,4 @@ def run_config_job(build: Callable[[], Any], run: Callable[[Any], R], print_conf
         return EXIT_BAD_CONFIG
     print(summary(result), file=sys.stderr)
     code = exit_status(result) if exit_status else exit_codes.for_status(getattr(result, "status", None))
-    if code == exit_codes.PREEMPTED and os.environ.get("RANK", "0") != "0":
-        # Global rank 0 reports the stop (srun's step status is its tasks' highest); a non-zero exit here would
-        # make srun --kill-on-bad-exit (or torchrun) end rank 0 while it still closes its log and TensorBoard.
-        return exit_codes.OK
-    return code
+    return exit_codes.on_this_rank(code)

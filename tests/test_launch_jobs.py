@@ -83,7 +83,8 @@ def test_local_job_is_signalled_requeued_and_resumes(tmp_path, job_pythonpath):
 
 @pytest.mark.slow
 def test_launch_finetune_runs_one_fine_tuning_locally(tmp_path):
-    """jobs/launch_finetune.py --cluster local --wait: TrainingJob("finetune") runs run_finetuning and reports its result."""
+    """jobs/launch_finetune.py --cluster local --wait: TrainingJob("finetune") runs run_finetuning and reports
+    its result."""
     import subprocess
     import sys
 
@@ -217,7 +218,8 @@ def _private_submitit_uses(path: Path) -> list[str]:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("submitit"):
             bad = [a.name for a in node.names if a.name.startswith("_")]
             if bad or any(part.startswith("_") for part in node.module.split(".")):
-                found.append(f"{path.name}:{node.lineno} from {node.module} import {', '.join(a.name for a in node.names)}")
+                names = ", ".join(a.name for a in node.names)
+                found.append(f"{path.name}:{node.lineno} from {node.module} import {names}")
         elif isinstance(node, ast.Attribute) and node.attr in private:
             found.append(f"{path.name}:{node.lineno} .{node.attr}")
         elif isinstance(node, ast.Constant) and node.value in private:  # getattr(job, "_sub_jobs")

@@ -19,8 +19,8 @@ are the same. On top of it:
 - run.dir/result.json (written last, atomically: its presence means "finished") holds the test metrics, the
   best validation loss and epoch, the exact config and the n-shot index file's path and sha256.
 
-Exit status (phileo.exit_codes): 0 completed, 75 stopped by the pre-timeout signal with a checkpoint (run again to continue),
-1 failed, 2 bad command line or config.
+Exit status (phileo.exit_codes): 0 completed, 75 stopped by the pre-timeout signal with a checkpoint (run again
+to continue), 1 failed, 2 bad command line or config.
 """
 
 from __future__ import annotations

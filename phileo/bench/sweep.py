@@ -30,8 +30,8 @@ is resumed by submitting it again, or only its unfinished indices (`python -m ph
 
 CLI:  python -m phileo.bench.sweep run SWEEP.yaml --out DIR [--index I]   (I defaults to $SLURM_ARRAY_TASK_ID)
       python -m phileo.bench.sweep list SWEEP.yaml | count SWEEP.yaml | array SWEEP.yaml [--out DIR]
-Exit status of `run` (phileo.exit_codes): 0 finished (or already finished), 75 preempted before the time limit (checkpoint saved:
-requeue it), 1 failed.
+Exit status of `run` (phileo.exit_codes): 0 finished (or already finished), 75 preempted before the time limit
+(checkpoint saved: requeue it), 1 failed.
 """
 
 from __future__ import annotations

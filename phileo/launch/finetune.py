@@ -4,9 +4,9 @@
         --data $WORK/phileo_bench --init $WORK/weights/phileo_cnn_44m.pt
     python jobs/launch_sweep.py slurm/sweeps/phileo_bench.yaml --site leonardo --account P --out SWEEP_DIR
 
-A sweep goes in as ONE job array (`--array=0-(N-1)%K`) of `TrainingJob("sweep_task", ...)`s, each carrying its index in the
-expanded grid, so a resubmission of only the unfinished tasks, or a sweep split into several arrays because it
-is larger than the site's MaxArraySize, still runs the right tasks. Split arrays run one after the other
+A sweep goes in as ONE job array (`--array=0-(N-1)%K`) of `TrainingJob("sweep_task", ...)`s, each carrying its
+index in the expanded grid, so a resubmission of only the unfinished tasks, or a sweep split into several arrays
+because it is larger than the site's MaxArraySize, still runs the right tasks. Split arrays run one after the other
 (`afterany`), so at most K tasks run at once overall. Both requeue themselves at the time limit like pretraining.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+from phileo import exit_codes
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
-from phileo import exit_codes
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir, preflight
 from phileo.launch.pretrain import _deep_merge, wait_and_report

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+from phileo import exit_codes
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
-from phileo import exit_codes
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, preflight
 from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,

@@ -278,5 +278,5 @@ def destroy_process_group() -> None:
 
 
 __all__ = ["DistInfo", "detect_layout", "launcher", "in_srun_step", "init_distributed", "choose_device",
-           "expand_hostlist", "expand_tasks_per_node", "port_for_job", "free_port", "barrier", "all_reduce_", "all_gather_object",
-           "broadcast_object", "destroy_process_group", "is_initialized"]
+           "expand_hostlist", "expand_tasks_per_node", "port_for_job", "free_port", "barrier", "all_reduce_",
+           "all_gather_object", "broadcast_object", "destroy_process_group", "is_initialized"]

@@ -194,6 +194,8 @@ def test_local_tasks_drop_an_outer_srun_steps_placement(monkeypatch):
     """`srun --pty bash` then a local launch: the outer step's SLURM_PROCID would otherwise place every task."""
     for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}.items():
         monkeypatch.setenv(k, v)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)  # so that monkeypatch removes what the export sets, after the test
     env = type("Env", (), {"job_id": "42", "global_rank": 1, "local_rank": 1, "num_tasks": 2})()
     export_local_rank_env(env)
     from phileo.train.dist import detect_layout

@@ -22,8 +22,8 @@
 #   PHILEO_BENCH_DATA, PHILEO_WEIGHTS  read by the sweep file's ${VAR}s
 #
 # A task that already finished exits at once, an interrupted one resumes from its newest checkpoint, so re-running
-# any index (or the whole array) is safe. Before the time limit the tasks get USR2, save a checkpoint and exit 75;
-# this script then requeues its own array task (bounded by PHILEO_MAX_REQUEUES).
+# any index (or the whole array) is safe. Before the time limit the tasks get USR2, save a checkpoint and exit 75
+# (PREEMPTED in phileo/exit_codes.py); this script then requeues its own array task (bounded by PHILEO_MAX_REQUEUES).
 #SBATCH --job-name=phileo-bench
 #SBATCH --array=0-359%32
 #SBATCH --nodes=1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from phileo.launch.jobs import CommandJob
+from phileo.launch.jobs import TrainingJob
 from phileo.launch.resources import resolve_resources
 from phileo.launch.sites import load_site
 from phileo.launch.slurm import wait_for_job_id
@@ -180,7 +180,8 @@ def test_hostile_job_name_and_run_dir_on_the_cluster(tmp_path):
     run = tmp_path / f"a run 'dir' $(touch {canary})"
     site = load_site("local")
     res = resolve_resources(site, job_name=name, time="5")
-    job = submit(make_plan("slurm", site, res, run / "logs"), CommandJob(["echo", "hello from the job"]))
+    job = submit(make_plan("slurm", site, res, run / "logs"),
+                 TrainingJob("preprocess_task", {"argv": ["echo", "hello from the job"]}))
     wait_for([job], timeout_s=120, poll_s=1)
     assert read_task_result(job) == ("success", 0)
     assert not canary.exists()
@@ -267,9 +268,9 @@ def test_live_checks_refuse_before_anything_is_queued(tmp_path, shards):
 def test_after_names_a_real_job_and_refuses_one_that_failed(tmp_path, shards):
     site = load_site("local")
     res = resolve_resources(site, time="5", job_name="fails")
-    failed = submit(make_plan("slurm", site, res, tmp_path / "failed"), CommandJob(["false"]))
+    failed = submit(make_plan("slurm", site, res, tmp_path / "failed"), TrainingJob("preprocess_task", {"argv": ["false"]}, max_requeues=0))
     wait_for([failed], timeout_s=120, poll_s=1)
-    running = submit(make_plan("slurm", site, res, tmp_path / "sleeps"), CommandJob(["sleep", "60"]))
+    running = submit(make_plan("slurm", site, res, tmp_path / "sleeps"), TrainingJob("preprocess_task", {"argv": ["sleep", "60"]}, max_requeues=0))
     try:
         common = ["--site", "local", "--cluster", "slurm", "--model", "phileo_cnn_tiny", "--data", str(shards),
                   "--run-dir", str(tmp_path / "r"), "--dry-run"]
@@ -298,7 +299,7 @@ def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards)
 
 
 def test_plain_pretrain_sbatch_requeues_itself_until_done(tmp_path, shards):
-    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 0, no DONE) is
+    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 75, no DONE) is
     requeued by the batch shell, and the requeued launch finishes the run."""
     run = tmp_path / "plain run"
     (run / "logs").mkdir(parents=True)

@@ -1,21 +1,30 @@
-"""The requeue machinery of the job callables, with a stand-in training entry point (no torch, seconds)."""
+"""The job callable (TrainingJob, its kinds, its requeue machinery), with a stand-in training entry point (no
+torch, seconds), stand-in `scontrol` binaries, and submitit's own local executor."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import submitit
+from submitit.helpers import DelayedSubmission
 
-from phileo.launch.jobs import PretrainJob, TrainingJob
+from phileo import exit_codes
+from phileo.launch.jobs import (JOB_KINDS, JobKind, RequeueRefused, TrainingJob, export_local_rank_env, job_kind,
+                                request_requeue, save_resubmission)
 from phileo.launch.resources import resolve_resources
 from phileo.launch.sites import load_site
 from phileo.launch.submit import make_plan, read_task_result, submit, wait_for
 
 HELPERS = Path(__file__).parent / "helpers"
 REPO = Path(__file__).resolve().parents[1]
-FAKE = ("launch_fake_entry:fake_train", "launch_fake_entry:FakeConfig")
+FAKE = JobKind("fake", "launch_fake_entry:fake_train", "launch_fake_entry:FakeConfig")
 
 
 @pytest.fixture
@@ -27,10 +36,10 @@ def job_pythonpath(monkeypatch):
 
 
 def test_checkpoint_counts_requeues_and_stops_at_the_bound():
-    job = PretrainJob({"run": {"dir": "/r"}}, max_requeues=2)
+    job = TrainingJob("pretrain", {"config": {"run": {"dir": "/r"}}}, max_requeues=2)
     first = job.checkpoint()
     assert first.function.requeue_count == 1 and first.function.max_requeues == 2
-    assert isinstance(first.function, PretrainJob) and first.function.config == job.config
+    assert first.function.kind is JOB_KINDS["pretrain"] and first.function.payload == job.payload
     second = first.function.checkpoint()
     assert second.function.requeue_count == 2
     assert second.function.checkpoint() is None  # the bound: submitit then does not requeue
@@ -49,7 +58,7 @@ def test_local_job_is_signalled_requeued_and_resumes(tmp_path, job_pythonpath):
     jobs = {}
     for name, run in runs.items():
         plan = make_plan("local", site, res, run / "logs")
-        fn = TrainingJob(*FAKE, {"dir": str(run), "steps": 40, "step_s": 0.25},
+        fn = TrainingJob(FAKE, {"config": {"dir": str(run), "steps": 40, "step_s": 0.25}},
                          max_requeues=2 if name == "requeue" else 0)
         jobs[name] = submit(plan, fn)
     wait_for(list(jobs.values()), timeout_s=150, poll_s=0.5)
@@ -74,7 +83,8 @@ def test_local_job_is_signalled_requeued_and_resumes(tmp_path, job_pythonpath):
 
 @pytest.mark.slow
 def test_launch_finetune_runs_one_fine_tuning_locally(tmp_path):
-    """jobs/launch_finetune.py --cluster local --wait: FinetuneJob runs run_finetuning and reports its result."""
+    """jobs/launch_finetune.py --cluster local --wait: TrainingJob("finetune") runs run_finetuning and reports
+    its result."""
     import subprocess
     import sys
 
@@ -95,3 +105,140 @@ def test_launch_finetune_runs_one_fine_tuning_locally(tmp_path):
     assert result["status"] == "completed" and result["task"] == "building"
     launch = json.loads((run / "launch.json").read_text())
     assert launch["kind"] == "finetune" and launch["resources"]["tasks_per_node"] == 1
+
+
+# ------------------------------------------------------------------------------------------ the job kinds
+def test_registry_holds_the_four_job_kinds_and_each_entry_imports():
+    assert set(JOB_KINDS) == {"pretrain", "finetune", "sweep_task", "preprocess_task"}
+    for kind in JOB_KINDS.values():
+        module, _, name = kind.entry.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[name]), name)), kind.entry
+        if kind.config_class:
+            module, _, name = kind.config_class.partition(":")
+            assert isinstance(getattr(__import__(module, fromlist=[name]), name), type), kind.config_class
+    assert [k for k, v in JOB_KINDS.items() if not v.requeue] == ["preprocess_task"]
+    with pytest.raises(ValueError, match="unknown job kind 'pretrian': use one of pretrain, finetune"):
+        job_kind("pretrian")
+
+
+def test_each_kind_says_how_to_continue_with_its_own_payload():
+    assert TrainingJob("pretrain", {"config": {"run": {"dir": "/runs/a"}}}).how_to_continue == \
+        "resubmit with --resume /runs/a"
+    sweep = TrainingJob("sweep_task", {"sweep_path": "s.yaml", "index": 3, "out_dir": "/sw"})
+    assert "jobs/launch_sweep.py s.yaml --out /sw" in sweep.how_to_continue
+    assert TrainingJob(FAKE, {"config": {}}).how_to_continue == "re-submit the same command"
+
+
+def test_preprocess_kind_runs_a_command_and_never_requeues(tmp_path):
+    out = tmp_path / "touched"
+    job = TrainingJob("preprocess_task", {"argv": [sys.executable, "-c", f"open({str(out)!r}, 'w').write('x')"]},
+                      max_requeues=5)
+    assert job.kind.call(job.payload) == 0 and out.read_text() == "x"
+    assert job.checkpoint() is None  # submitit's own handler then does not requeue it either
+    failing = TrainingJob("preprocess_task", {"argv": [sys.executable, "-c", "raise SystemExit(3)"]})
+    with pytest.raises(subprocess.CalledProcessError):
+        failing.kind.call(failing.payload)
+    assert "argv=" in repr(job) and "preprocess_task" in repr(job)
+
+
+# ------------------------------------------------------------------ requeue without submitit's private API
+def _fake_scontrol(tmp_path, monkeypatch, rc=0, stderr=""):
+    """A stand-in `scontrol` first on PATH that records its arguments (the real one is tested on the cluster)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    script = bindir / "scontrol"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho {stderr!r} >&2\nexit {rc}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_slurm_requeue_asks_scontrol_for_this_job(tmp_path, monkeypatch):
+    calls = _fake_scontrol(tmp_path, monkeypatch)
+    request_requeue("slurm", "123_4")  # an array task's id, as submitit's JobEnvironment.job_id gives it
+    assert calls.read_text().split() == ["requeue", "123_4"]
+
+
+def test_a_refused_requeue_says_why(tmp_path, monkeypatch):
+    _fake_scontrol(tmp_path, monkeypatch, rc=1, stderr="Job has already finished")
+    with pytest.raises(RequeueRefused, match="scontrol requeue 7: Job has already finished"):
+        request_requeue("slurm", "7")
+    with pytest.raises(RequeueRefused, match="'debug' executor"):
+        request_requeue("debug", "7")
+
+
+def test_local_requeue_exits_with_the_code_submitits_controller_restarts_on():
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    with pytest.raises(SystemExit) as e:
+        request_requeue("local", "1")
+    assert e.value.code == exit_codes.LOCAL_REQUEUE == LOCAL_REQUEUE_RETURN_CODE
+
+
+def test_resubmission_replaces_the_function_and_keeps_submitits_timeout(tmp_path):
+    job = TrainingJob("pretrain", {"config": {"run": {"dir": "/r"}}}, max_requeues=4)
+    pickle_path = tmp_path / "7_submitted.pkl"
+    delayed = DelayedSubmission(job)
+    delayed.set_timeout(90, 4)  # what submitit's executor writes at submission
+    delayed.dump(pickle_path)
+    save_resubmission(pickle_path, job.resubmission())
+    again = DelayedSubmission.load(pickle_path)
+    assert again.function.requeue_count == 1 and again.function.payload == job.payload
+    # Read back only to check we kept them (phileo itself never touches submitit's private fields).
+    assert (again._timeout_min, again._timeout_countdown) == (90, 4)
+    assert list(tmp_path.iterdir()) == [pickle_path]  # written atomically: no temporary left
+
+
+def test_local_tasks_drop_an_outer_srun_steps_placement(monkeypatch):
+    """`srun --pty bash` then a local launch: the outer step's SLURM_PROCID would otherwise place every task."""
+    for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)  # so that monkeypatch removes what the export sets, after the test
+    env = type("Env", (), {"job_id": "42", "global_rank": 1, "local_rank": 1, "num_tasks": 2})()
+    export_local_rank_env(env)
+    from phileo.train.dist import detect_layout
+
+    info = detect_layout()
+    assert (info.source, info.global_rank, info.world_size) == ("torchrun", 1, 2)
+
+
+def _private_submitit_uses(path: Path) -> list[str]:
+    """`from submitit... import _x`, `submitit._x.y` imports, and the private names submitit defines used as
+    `._name` or `getattr(obj, "_name")`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # instances too: their private fields are set in __init__
+        instances = (DelayedSubmission(print), submitit.core.core.Job(folder, "1", tasks=(0, 1)))
+        private = {n for obj in (submitit.JobEnvironment, DelayedSubmission, submitit.core.core.Job,
+                                 submitit.SlurmExecutor, submitit.LocalExecutor, submitit.helpers.Checkpointable,
+                                 *instances)
+                   for n in [*dir(obj), *getattr(obj, "__dict__", {})] if n.startswith("_") and not n.endswith("__")}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("submitit"):
+            bad = [a.name for a in node.names if a.name.startswith("_")]
+            if bad or any(part.startswith("_") for part in node.module.split(".")):
+                names = ", ".join(a.name for a in node.names)
+                found.append(f"{path.name}:{node.lineno} from {node.module} import {names}")
+        elif isinstance(node, ast.Attribute) and node.attr in private:
+            found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in private:  # getattr(job, "_sub_jobs")
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "submitit.core._" in node.value:
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_no_private_submitit_name_in_phileo_but_the_sbatch_renderer():
+    uses = [u for p in sorted((REPO / "phileo").rglob("*.py")) if p.name != "scripts.py"
+            for u in _private_submitit_uses(p)]
+    assert uses == []
+
+
+@pytest.mark.xfail(strict=True, reason="phileo/launch/scripts.py (issue 12's file) still renders the dry-run "
+                                       "script with submitit's _make_sbatch_string; XPASS means it was replaced: "
+                                       "drop this marker")
+def test_no_private_submitit_name_in_phileo_at_all():
+    assert [u for p in sorted((REPO / "phileo").rglob("*.py")) for u in _private_submitit_uses(p)] == []

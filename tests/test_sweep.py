@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phileo import exit_codes
 from phileo.bench import sweep as sw
 from phileo.bench.results import collect_results, write_outputs
-from phileo.bench.sweep import (EXIT_PREEMPTED, SweepError, array_range, expand_sweep, format_array_spec,
+from phileo.bench.sweep import (SweepError, array_range, expand_sweep, format_array_spec,
                                 pending_indices, run_sweep_task, task_dir, task_finished)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_cli_run_exit_codes(tmp_path, fake, monkeypatch, capsys):
     sweep, out = _sweep_file(tmp_path), tmp_path / "out"
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     assert sw.main(["run", str(sweep), "--out", str(out)]) == 0 and task_finished(out, 0)
-    assert sw.main(["run", str(sweep), "--out", str(out), "--index", "1"]) == EXIT_PREEMPTED
+    assert sw.main(["run", str(sweep), "--out", str(out), "--index", "1"]) == exit_codes.PREEMPTED
     with pytest.raises(RuntimeError):
         sw.main(["run", str(sweep), "--out", str(out), "--index", "2"])
     assert sw.main(["run", str(sweep), "--out", str(out), "--index", "99"]) == 2
@@ -243,3 +244,13 @@ def test_collect_refuses_a_folder_without_a_sweep(tmp_path):
     cli = subprocess.run([sys.executable, str(REPO / "jobs" / "collect_results.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "sweep snapshot" in cli.stderr
+
+
+def test_a_task_started_by_srun_takes_slurms_rank_over_an_inherited_rank(monkeypatch):
+    """The rank fix: srun inside an environment that sets RANK (the submitting shell's) used to give rank 3."""
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+                 "SLURM_JOB_ID": "99"}.items():
+        monkeypatch.setenv(k, v)
+    assert sw._global_rank() == 1
+    monkeypatch.delenv("SLURM_STEP_ID")  # no srun step: the torchrun-style variables are the layout
+    assert sw._global_rank() == 3

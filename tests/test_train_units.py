@@ -49,6 +49,18 @@ def test_srun_layout_takes_master_from_first_host_and_port_from_job_id():
     assert port_for_job("123457") != info.master_port and 20000 <= info.master_port < 30000
 
 
+def test_under_srun_slurms_variables_win_unless_torchrun_started_the_process():
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "5",
+            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NODEID": "1", "SLURM_NNODES": "2"}
+    inherited = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29555"}  # left over from the submitting shell
+    info = detect_layout({**srun, **inherited})
+    assert (info.source, info.global_rank, info.world_size) == ("slurm", 1, 2)
+    # `srun torchrun ...`: torchrun placed this worker (TORCHELASTIC_RUN_ID), so its variables are the layout.
+    worker = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "j5"}
+    info = detect_layout({**srun, **worker})
+    assert (info.source, info.global_rank, info.world_size, info.local_rank) == ("torchrun", 3, 4, 1)
+
+
 def test_batch_script_without_srun_step_is_a_single_process():
     # sbatch's batch shell has SLURM_PROCID=0 and SLURM_NTASKS=N but no step: waiting for N-1 peers would hang.
     info = detect_layout({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})

@@ -19,8 +19,8 @@ are the same. On top of it:
 - run.dir/result.json (written last, atomically: its presence means "finished") holds the test metrics, the
   best validation loss and epoch, the exact config and the n-shot index file's path and sha256.
 
-Exit status: 0 completed, 75 stopped by the pre-timeout signal with a checkpoint (run again to continue),
-1 failed, 2 bad command line or config.
+Exit status (phileo.exit_codes): 0 completed, 75 stopped by the pre-timeout signal with a checkpoint (run again
+to continue), 1 failed, 2 bad command line or config.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ log = logging.getLogger("phileo.train")
 
 RESULT_FILE = "result.json"
 BEST_MODEL_FILE = "best_model.pt"
-EXIT_PREEMPTED = 75
 RGB = (2, 1, 0)  # B04, B03, B02 in the bench band order
 
 
@@ -456,8 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return run_config_job(
         lambda: build_config(args.config, args.overrides), run_finetuning, args.print_config,
-        summary=lambda r: f"{r.status}: {r.run_dir}" + (f" ({r.message})" if r.message else ""),
-        exit_status=lambda r: {"completed": 0, "preempted": EXIT_PREEMPTED}.get(r.status, 1))
+        summary=lambda r: f"{r.status}: {r.run_dir}" + (f" ({r.message})" if r.message else ""))
 
 
 if __name__ == "__main__":

@@ -17,15 +17,18 @@ running, waiting for a requeue, or killed without a trace, e.g. out of memory), 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import math
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
+from phileo import exit_codes
 from phileo.fsutil import atomic_path, atomic_write_text, read_json
 from phileo.bench.sweep import FAILED_FILE, RESULT_FILE, SPEC_FILE, format_array_spec, task_dir
 
@@ -281,3 +284,41 @@ def write_outputs(sweep_dir: str | Path, out_dir: str | Path | None = None) -> C
 
 __all__ = ["TaskRecord", "SweepResults", "CollectOutputs", "collect_results", "summarise", "write_csv",
            "markdown_report", "plot_metric", "write_outputs", "PRIMARY_METRIC", "TABLE_METRICS"]
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Gather a fine-tuning sweep: results.csv, results.md (mean ± std over seeds, LR chosen on "
+                    "validation) and plots/{task}_{metric}.png, and list failed / missing array tasks by index.")
+    ap.add_argument("sweep_dir", type=Path, help="the sweep folder (PHILEO_SWEEP_DIR of finetune_array.sh)")
+    ap.add_argument("--out", type=Path, default=None, help="write outputs here (default: the sweep folder)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any task failed or is unfinished")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`phileo-results` / `jobs/collect_results.py`. Exit status (phileo.exit_codes): 0 written, 2 not a sweep
+    folder, 1 with --strict when any array task failed or has not finished."""
+    args = build_parser().parse_args(argv)
+    try:
+        outs = write_outputs(args.sweep_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.REFUSED
+    res = outs.results
+    counts = {s: len(res.by_status(s)) for s in ("completed", "failed", "incomplete", "missing")}
+    print(f"sweep {res.name}: {len(res.records)} tasks, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    print(f"wrote {outs.csv}\nwrote {outs.markdown}")
+    for p in outs.plots:
+        print(f"wrote {p}")
+    for status in ("failed", "incomplete", "missing"):
+        recs = res.by_status(status)
+        if recs:
+            print(f"{status} array tasks: {format_array_spec([r.index for r in recs])}")
+            for r in recs if status == "failed" else []:
+                print(f"  {r.index}: {r.error.splitlines()[0][:200] if r.error else 'no message'}")
+    hint = rerun_hint(res)
+    if hint:
+        print(f"re-run them with:\n  {hint}")
+    return exit_codes.FAILED if args.strict and hint else exit_codes.OK

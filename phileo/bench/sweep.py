@@ -30,8 +30,8 @@ is resumed by submitting it again, or only its unfinished indices (`python -m ph
 
 CLI:  python -m phileo.bench.sweep run SWEEP.yaml --out DIR [--index I]   (I defaults to $SLURM_ARRAY_TASK_ID)
       python -m phileo.bench.sweep list SWEEP.yaml | count SWEEP.yaml | array SWEEP.yaml [--out DIR]
-Exit status of `run`: 0 finished (or already finished), 75 preempted before the time limit (checkpoint saved:
-requeue it), 1 failed.
+Exit status of `run` (phileo.exit_codes): 0 finished (or already finished), 75 preempted before the time limit
+(checkpoint saved: requeue it), 1 failed.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from phileo import exit_codes
 from phileo.config import ConfigError, apply_overrides, read_yaml_mapping
 from phileo.fsutil import atomic_write_json, atomic_write_text, read_json
 from phileo.ranges import format_ranges
@@ -57,7 +58,6 @@ from phileo.ranges import format_ranges
 # Grid axis -> config key it sets.
 AXES = {"task": "data.task", "n_shot": "data.n_shot", "lr": "optim.lr", "seed": "train.seed"}
 SWEEP_KEYS = ("name", "max_parallel", "base", "models", "tasks", "n_shots", "lrs", "seeds")
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the array script requeues the task
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
 SPEC_FILE = "spec.json"
@@ -301,10 +301,11 @@ def expand_env(value: Any, where: str) -> Any:
 
 
 def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    """This process's global rank, by the engine's one rule (phileo.train.dist.detect_layout: under srun,
+    SLURM's variables win over a RANK left in the environment)."""
+    from phileo.train.dist import detect_layout
+
+    return detect_layout().global_rank
 
 
 def build_task_config(spec: TaskSpec, run_dir: str | os.PathLike):
@@ -414,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        else range(len(expand_sweep(args.sweep))))
             if not indices:
                 print(f"every task of {args.sweep} has finished in {args.out}", file=sys.stderr)
-                return 0
+                return exit_codes.OK
             print(format_array_spec(indices, sweep.max_parallel))
         elif args.cmd == "run":
             index = args.index
@@ -426,12 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome = run_sweep_task(args.sweep, index, args.out)
             if outcome.status == "preempted":
                 print(f"sweep task {index} stopped before the time limit with a checkpoint; exit "
-                      f"{EXIT_PREEMPTED} asks for a requeue", flush=True)
-                return EXIT_PREEMPTED
+                      f"{exit_codes.PREEMPTED} asks for a requeue", flush=True)
+                return exit_codes.on_this_rank(exit_codes.PREEMPTED)
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return exit_codes.REFUSED
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

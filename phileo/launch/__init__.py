@@ -7,7 +7,7 @@
     preflight   preflight(site, resources, run_dir=..., data_root=..., list_chunks=..., live=...) -> PreflightReport
     scripts     slurm_parameters(...), render_sbatch(...): the batch script submitit writes (and --dry-run prints)
     submit      make_plan / submit / submit_array / wait_for / read_task_result: the cluster as a parameter
-    jobs        PretrainJob, FinetuneJob, SweepTaskJob (submitit Checkpointables that requeue themselves), CommandJob
+    jobs        TrainingJob(kind, payload): the one submitit Checkpointable (kinds: JOB_KINDS), requeue on preemption
     arrays      split_for_arrays, site_max_array_size: job arrays within MaxArraySize
     slurm       job_active, wait_for_submitit_job, sbatch, scontrol_config_value, cluster_name_here,
                 partitions_here, user_accounts: SLURM command-line helpers

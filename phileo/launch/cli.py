@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from phileo.config import ConfigError
+# The launchers' exit statuses: the one set of phileo.exit_codes, under the names the launchers use.
+from phileo.exit_codes import FAILED as EXIT_JOB_FAILED, OK as EXIT_OK, REFUSED as EXIT_REFUSED
 from phileo.launch import slurm as slurm_cli
 from phileo.launch.preflight import PreflightReport, check_script_values
 from phileo.launch.resources import JobResources, resolve_resources
 from phileo.launch.sites import SiteProfile, available_sites, load_site
-
-EXIT_OK = 0
-EXIT_JOB_FAILED = 1
-EXIT_REFUSED = 2  # bad arguments or failed preflight: nothing was submitted
 
 
 def add_site_args(p: argparse.ArgumentParser) -> None:

@@ -4,9 +4,9 @@
         --data $WORK/phileo_bench --init $WORK/weights/phileo_cnn_44m.pt
     python jobs/launch_sweep.py slurm/sweeps/phileo_bench.yaml --site leonardo --account P --out SWEEP_DIR
 
-A sweep goes in as ONE job array (`--array=0-(N-1)%K`) of `SweepTaskJob`s, each carrying its index in the
-expanded grid, so a resubmission of only the unfinished tasks, or a sweep split into several arrays because it
-is larger than the site's MaxArraySize, still runs the right tasks. Split arrays run one after the other
+A sweep goes in as ONE job array (`--array=0-(N-1)%K`) of `TrainingJob("sweep_task", ...)`s, each carrying its
+index in the expanded grid, so a resubmission of only the unfinished tasks, or a sweep split into several arrays
+because it is larger than the site's MaxArraySize, still runs the right tasks. Split arrays run one after the other
 (`afterany`), so at most K tasks run at once overall. Both requeue themselves at the time limit like pretraining.
 """
 
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 
+from phileo import exit_codes
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
-from phileo.launch.jobs import FinetuneJob, SweepTaskJob
+from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, check_model, cost_note,
                                      live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import _deep_merge, wait_and_report
@@ -54,8 +55,7 @@ def _finetune_config_class():
 
 # ------------------------------------------------------------------------------------------ one fine-tuning run
 def build_finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_finetune.py",
-                                description="Submit one PhilEO Bench fine-tuning run (requeues itself at the "
+    p = argparse.ArgumentParser(description="Submit one PhilEO Bench fine-tuning run (requeues itself at the "
                                             "time limit).",
                                 epilog="Any other config key: key=value (e.g. train.max_epochs=50).")
     cli.add_site_args(p)
@@ -93,7 +93,8 @@ def build_finetune_config(args: argparse.Namespace, run_dir: Path) -> Any:
 
 
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit code: 0 submitted (with --wait: completed), 1 the run ended without completing, 2 refused."""
+    """Exit code (phileo.exit_codes): 0 submitted (with --wait: completed), 1 failed, 2 refused, 75 (with
+    --wait) stopped with a checkpoint after its last allowed requeue."""
     args = build_finetune_parser().parse_args(argv)
     try:
         site = cli.pick_site(args.site, args.cluster)
@@ -120,7 +121,7 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
         return refused
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
-    job = submit(plan, FinetuneJob(to_dict(cfg), max_requeues=res.max_requeues))
+    job = submit(plan, TrainingJob("finetune", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), job_ids=[job.job_id])
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
@@ -176,8 +177,7 @@ def check_finetune_inputs(site: Any, runs: Iterable[tuple[str, str, str, str]],
 
 # --------------------------------------------------------------------------------------------------- sweeps
 def build_sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_sweep.py",
-                                description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
+    p = argparse.ArgumentParser(description="Submit a fine-tuning sweep (SWEEP.yaml) as one SLURM job array, "
                                             "split only where the site's MaxArraySize demands it.")
     p.add_argument("sweep", help="sweep file (see phileo.bench.sweep), e.g. slurm/sweeps/phileo_bench.yaml")
     cli.add_site_args(p)
@@ -207,7 +207,8 @@ def parse_indices(text: str) -> list[int]:
 
 
 def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit code: 0 submitted (with --wait: every task finished), 1 some task failed, 2 refused."""
+    """Exit code (phileo.exit_codes): 0 submitted (with --wait: every task finished), 1 some task failed,
+    2 refused, 75 (with --wait) none failed but some stopped with a checkpoint after their last requeue."""
     args = build_sweep_parser().parse_args(argv)
     try:
         return _launch_sweep(args)
@@ -282,7 +283,8 @@ def _launch_sweep(args: argparse.Namespace) -> int:
         plan = make_plan(cluster, site, res, logs, array_parallelism=parallel,
                          dependency=f"afterany:{previous}" if previous else opts.dependency,
                          extra_sbatch=opts.sbatch)
-        fns = [SweepTaskJob(str(sweep_path), i, str(out), max_requeues=res.max_requeues) for i in group]
+        fns = [TrainingJob("sweep_task", {"sweep_path": str(sweep_path), "index": i, "out_dir": str(out)},
+                           max_requeues=res.max_requeues) for i in group]
         if cluster == "local":
             jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
         else:
@@ -349,15 +351,16 @@ def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float
         return cli.EXIT_JOB_FAILED
     counts: dict[str, int] = {}
     failed: list[int] = []
+    statuses: list[str] = []
     for job, index in zip(jobs, indices):
         outcome = read_task_result(job)
         status = (getattr(outcome[1], "status", "?") if outcome and outcome[0] == "success" else "failed")
         counts[status] = counts.get(status, 0) + 1
+        statuses.append(status)
         if status not in ("completed", "skipped"):
             failed.append(index)
     print("sweep tasks: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if failed:
         print(f"not finished: tasks {_ranges(failed)}; re-run them alone with --indices {_ranges(failed)} "
               f"(failed.json in each task folder has the traceback)", file=sys.stderr)
-        return cli.EXIT_JOB_FAILED
-    return cli.EXIT_OK
+    return exit_codes.for_statuses(statuses)

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from phileo.config import ConfigError
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size
-from phileo.launch.jobs import CommandJob
+from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, cost_note, live_checks,
                                      not_here_note, run_dir_report)
 from phileo.launch.slurm import have_sbatch
@@ -34,9 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONVERTER = REPO_ROOT / "preprocess" / "majortom_to_h5.py"
 
 
+def command_job(argv: Sequence[str]) -> TrainingJob:
+    """One converter stage as a job (kind preprocess_task: a command line, never requeued)."""
+    return TrainingJob("preprocess_task", {"argv": [str(a) for a in argv]}, max_requeues=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch_preprocess.py",
         description="Convert MajorTOM into HDF5 chunks + manifest as a SLURM job array and a dependent merge "
                     "job (or the same locally). Unknown flags go to preprocess/majortom_to_h5.py.")
     cli.add_site_args(p)
@@ -154,14 +158,14 @@ def _launch(args: argparse.Namespace, extra: list[str]) -> int:
     if cluster == "local":
         return _run_local(plans, cmds, parallel, log_dir, args.wait_timeout_s)
 
-    plan_job = submit(plans["plan"], CommandJob(cmds["plan"]))
+    plan_job = submit(plans["plan"], command_job(cmds["plan"]))
     array_plan = make_plan(cluster, site, res, log_dir / "array", requeue=False, array_parallelism=parallel,
                            dependency=f"afterok:{plan_job.job_id}", extra_sbatch=opts.sbatch)
-    array_jobs = submit_array(array_plan, [CommandJob(c) for c in cmds["tasks"]])
+    array_jobs = submit_array(array_plan, [command_job(c) for c in cmds["tasks"]])
     array_id = base_job_id(array_jobs[0].job_id)
     merge_plan = make_plan(cluster, site, res, log_dir / "merge", requeue=False, dependency=f"afterok:{array_id}",
                            extra_sbatch=opts.sbatch)
-    merge_job = submit(merge_plan, CommandJob(cmds["merge"]))
+    merge_job = submit(merge_plan, command_job(cmds["merge"]))
     update_launch_record(log_dir, kind="preprocess", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), stages={"plan": plan_job.job_id, "array": array_id,
                                                       "merge": merge_job.job_id},
@@ -202,7 +206,7 @@ def _run_local(plans: dict[str, Any], cmds: dict[str, Any], parallel: int, log_d
                timeout_s: Optional[float]) -> int:
     """The three stages as local processes, each stage after the previous one succeeded."""
     stages: list[tuple[str, list[Any]]] = []
-    job = submit(plans["plan"], CommandJob(cmds["plan"]))
+    job = submit(plans["plan"], command_job(cmds["plan"]))
     print(f"plan: local job {job.job_id} (logs in {log_dir})", flush=True)
     stages.append(("plan", [job]))
     if _report(stages, timeout_s) != cli.EXIT_OK:
@@ -211,9 +215,9 @@ def _run_local(plans: dict[str, Any], cmds: dict[str, Any], parallel: int, log_d
     todo = list(cmds["tasks"])
     while todo:  # at most `parallel` at once
         batch, todo = todo[:parallel], todo[parallel:]
-        jobs = [submit(plans["array"], CommandJob(c)) for c in batch]
+        jobs = [submit(plans["array"], command_job(c)) for c in batch]
         tasks += jobs
         if _report([("array", jobs)], timeout_s) != cli.EXIT_OK:
             return cli.EXIT_JOB_FAILED
-    merge = submit(plans["merge"], CommandJob(cmds["merge"]))
+    merge = submit(plans["merge"], command_job(cmds["merge"]))
     return _report([("merge", [merge])], timeout_s)

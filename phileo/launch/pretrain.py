@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
+from phileo import exit_codes
 from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
 from phileo.launch import cli
-from phileo.launch.jobs import PretrainJob
+from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
 from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
@@ -41,7 +42,6 @@ CONFIG_FILE = "config.yaml"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch_pretrain.py",
         description="Submit PhilEO pretraining as a multi-node SLURM job (or local processes), checked against "
                     "the site's limits first, requeueing itself at the walltime limit.",
         epilog="Any other config key: key=value (e.g. optim.lr=3e-4 checkpoint.every_steps=500).")
@@ -117,8 +117,9 @@ def default_run_dir(site, job_name: str) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parses flags, builds and checks the job, submits it (or prints it with --dry-run). Returns the exit code:
-    0 submitted (or, with --wait, completed), 1 the job ended without completing, 2 refused (nothing submitted).
+    """Parses flags, builds and checks the job, submits it (or prints it with --dry-run). Returns the exit code
+    (phileo.exit_codes): 0 submitted (or, with --wait, completed), 1 the job failed, 2 refused (nothing
+    submitted), 75 (with --wait) it stopped with a checkpoint after its last allowed requeue.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -174,7 +175,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
-    job = submit(plan, PretrainJob(to_dict(cfg), max_requeues=res.max_requeues))
+    job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
@@ -187,7 +188,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) -> int:
-    """Blocks until the job (requeues included) has ended; prints and returns its exit status."""
+    """Blocks until the job (requeues included) has ended; prints and returns its exit status (the job's final
+    status through phileo.exit_codes.for_status; FAILED when it left no result)."""
     print(f"waiting for job {job.job_id} (requeues included) ...", flush=True)
     try:
         wait_for([job], timeout_s=timeout_s)
@@ -209,4 +211,4 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
     details = "".join(f" {k}={getattr(train, k)}" for k in ("step", "final_loss") if hasattr(train, k))
     message = getattr(value, "message", "")
     print(f"job {job.job_id} ended: status={status}{details}" + (f" ({message})" if message else ""))
-    return cli.EXIT_OK if status == "completed" else cli.EXIT_JOB_FAILED
+    return exit_codes.for_status(status)

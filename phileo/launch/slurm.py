@@ -62,7 +62,7 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def _submitit_jobs(job: Any) -> list[Any]:
-    return list(job._sub_jobs) if getattr(job, "_sub_jobs", None) else [job]
+    return [job.task(i) for i in range(job.num_tasks)]
 
 
 def wait_for_submitit_job(job: Any, timeout_s: float, poll_s: float = 1.0, grace_s: float = 5.0) -> list[Any]:

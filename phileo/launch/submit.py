@@ -163,9 +163,10 @@ def job_is_active(job: Any) -> bool:
 
 def read_task_result(job: Any, task: int = 0) -> Optional[tuple[str, Any]]:
     """("success", value) or ("error", traceback text) from the task's result pickle; None when it wrote none."""
-    parts = list(getattr(job, "_sub_jobs", None) or [job])
-    path = parts[task].paths.result_pickle if task < len(parts) else None
-    if path is None or not path.exists():
+    if task >= job.num_tasks:
+        return None
+    path = job.task(task).paths.result_pickle
+    if not path.exists():
         return None
     with open(path, "rb") as fh:
         return pickle.load(fh)

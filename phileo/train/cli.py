@@ -1,20 +1,22 @@
 """The command line shared by the training entry points (`python -m phileo.train.pretrain`, `...finetune`).
 
 Both take `[--config FILE.yaml] [--print-config] [key=value ...]`, build a validated job config, run it in this
-process, print one summary line and map the outcome to an exit status: 0 done (or stopped with a checkpoint, for
-pretraining), 1 failed, 2 a bad command line or config (nothing ran). One place, so the two cannot drift.
+process, print one summary line and map the outcome to an exit status (phileo.exit_codes): 0 done, 75 stopped
+with a checkpoint (run again to continue; on global rank 0 only), 1 failed, 2 a bad command line or config
+(nothing ran).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
+from phileo import exit_codes
 from phileo.config import ConfigError, to_dict
 
 R = TypeVar("R")
-EXIT_BAD_CONFIG = 2
+EXIT_BAD_CONFIG = exit_codes.REFUSED
 
 
 def add_config_args(parser: argparse.ArgumentParser, sections: str) -> None:
@@ -25,9 +27,10 @@ def add_config_args(parser: argparse.ArgumentParser, sections: str) -> None:
 
 
 def run_config_job(build: Callable[[], Any], run: Callable[[Any], R], print_config: bool,
-                   summary: Callable[[R], str], exit_status: Callable[[R], int]) -> int:
+                   summary: Callable[[R], str], exit_status: Optional[Callable[[R], int]] = None) -> int:
     """Builds the config (exit 2 with the message when it is invalid), prints it and stops if asked, else runs
-    the job, prints `summary(result)` on stderr and returns `exit_status(result)`."""
+    the job, prints `summary(result)` on stderr and returns `exit_status(result)` (default: the result's
+    `status` through phileo.exit_codes.for_status)."""
     try:
         cfg = build()
     except ConfigError as e:
@@ -44,4 +47,5 @@ def run_config_job(build: Callable[[], Any], run: Callable[[Any], R], print_conf
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(summary(result), file=sys.stderr)
-    return exit_status(result)
+    code = exit_status(result) if exit_status else exit_codes.for_status(getattr(result, "status", None))
+    return exit_codes.on_this_rank(code)

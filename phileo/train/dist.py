@@ -1,9 +1,11 @@
 """The distributed layout of this process, read from the environment, and the process group.
 
-Three ways a training process is started, recognised in this order:
+Three ways a training process is started, recognised in this order (`launcher()`, the one rule):
 
 1. torchrun (or anything that sets its variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, and
-   optionally LOCAL_WORLD_SIZE and GROUP_RANK (the node rank).
+   optionally LOCAL_WORLD_SIZE and GROUP_RANK (the node rank). Inside an srun step these count only when
+   torchrun itself started this process (TORCHELASTIC_RUN_ID, `srun torchrun ...`): a RANK merely inherited
+   from the submitting shell or an outer launcher would otherwise give every srun task the same wrong rank.
 2. srun: SLURM_PROCID (global rank), SLURM_LOCALID (local rank), SLURM_NTASKS (world size), SLURM_NODEID,
    SLURM_NNODES, SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE; the master is the first host of the step's (or
    job's) node list and the port is derived from SLURM_JOB_ID, so all tasks agree without talking.
@@ -126,6 +128,23 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
         raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from None
 
 
+def in_srun_step(env: Mapping[str, str]) -> bool:
+    """Whether this process is a task of an srun step. Only there: the batch script itself also has
+    SLURM_PROCID=0 and SLURM_NTASKS=N, and a process started there directly must not wait for N-1 peers."""
+    return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+
+
+def launcher(env: Mapping[str, str] | None = None) -> str:
+    """Who placed this process: "torchrun", "slurm" or "single" (see the module docstring for the rule)."""
+    env = os.environ if env is None else env
+    has_torchrun_vars = "RANK" in env and "WORLD_SIZE" in env
+    if has_torchrun_vars and ("TORCHELASTIC_RUN_ID" in env or not in_srun_step(env)):
+        return "torchrun"
+    if in_srun_step(env):
+        return "slurm"
+    return "single"
+
+
 def detect_layout(env: Mapping[str, str] | None = None) -> DistInfo:
     """Reads the distributed layout from `env` (default os.environ) without touching anything.
 
@@ -133,7 +152,8 @@ def detect_layout(env: Mapping[str, str] | None = None) -> DistInfo:
     world size that is not a whole number of nodes' tasks) with a message naming them.
     """
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
+    source = launcher(env)
+    if source == "torchrun":
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK", 0)
         # Without LOCAL_WORLD_SIZE (a hand-rolled launcher) all ranks are taken to share one node.
@@ -144,9 +164,7 @@ def detect_layout(env: Mapping[str, str] | None = None) -> DistInfo:
                         node_rank=node_rank, num_nodes=num_nodes,
                         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                         master_port=_int(env, "MASTER_PORT", 29500), source="torchrun")
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
-        # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and SLURM_NTASKS=N, and a
-        # process started there directly must not wait for N-1 peers that will never come.
+    elif source == "slurm":
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         node_rank = _int(env, "SLURM_NODEID", 0)
         num_nodes = _int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1))
@@ -259,6 +277,6 @@ def destroy_process_group() -> None:
         torch_dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "detect_layout", "init_distributed", "choose_device", "expand_hostlist",
-           "expand_tasks_per_node", "port_for_job", "free_port", "barrier", "all_reduce_", "all_gather_object",
-           "broadcast_object", "destroy_process_group", "is_initialized"]
+__all__ = ["DistInfo", "detect_layout", "launcher", "in_srun_step", "init_distributed", "choose_device",
+           "expand_hostlist", "expand_tasks_per_node", "port_for_job", "free_port", "barrier", "all_reduce_",
+           "all_gather_object", "broadcast_object", "destroy_process_group", "is_initialized"]

@@ -5,8 +5,9 @@
     torchrun --nproc-per-node 4 -m phileo.train.pretrain --config pretrain.yaml data.root=/scratch/shards
 
 The distributed layout comes from the environment (torchrun, srun, or a single process: phileo.train.dist).
-Exit status: 0 when the run completed or stopped with a checkpoint to be continued (preempted: the DONE marker
-is absent), 1 when it failed (non-finite loss) or raised, 2 for a bad command line or config.
+Exit status (phileo.exit_codes): 0 when the run completed (run.dir/DONE), 75 when it stopped with a checkpoint
+to be continued (preempted: run it again), 1 when it failed (non-finite loss) or raised, 2 for a bad command
+line or config.
 """
 
 from __future__ import annotations
@@ -167,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_config_job(
         lambda: build_config(args.config, args.resume, args.overrides), run_pretraining, args.print_config,
         summary=lambda r: (f"{r.status} at step {r.step} (final loss {r.final_loss}) in {r.run_dir}"
-                           + (f": {r.message}" if r.message else "")),
-        exit_status=lambda r: 1 if r.status == "failed" else 0)
+                           + (f": {r.message}" if r.message else "")))
 
 
 if __name__ == "__main__":

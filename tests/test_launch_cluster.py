@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from phileo.launch.jobs import TrainingJob
+from phileo.launch.preprocess import command_job
 from phileo.launch.resources import resolve_resources
 from phileo.launch.sites import load_site
 from phileo.launch.slurm import wait_for_job_id
@@ -268,9 +269,9 @@ def test_live_checks_refuse_before_anything_is_queued(tmp_path, shards):
 def test_after_names_a_real_job_and_refuses_one_that_failed(tmp_path, shards):
     site = load_site("local")
     res = resolve_resources(site, time="5", job_name="fails")
-    failed = submit(make_plan("slurm", site, res, tmp_path / "failed"), TrainingJob("preprocess_task", {"argv": ["false"]}, max_requeues=0))
+    failed = submit(make_plan("slurm", site, res, tmp_path / "failed"), command_job(["false"]))
     wait_for([failed], timeout_s=120, poll_s=1)
-    running = submit(make_plan("slurm", site, res, tmp_path / "sleeps"), TrainingJob("preprocess_task", {"argv": ["sleep", "60"]}, max_requeues=0))
+    running = submit(make_plan("slurm", site, res, tmp_path / "sleeps"), command_job(["sleep", "60"]))
     try:
         common = ["--site", "local", "--cluster", "slurm", "--model", "phileo_cnn_tiny", "--data", str(shards),
                   "--run-dir", str(tmp_path / "r"), "--dry-run"]

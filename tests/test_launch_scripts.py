@@ -115,3 +115,45 @@ def test_array_script_has_the_array_directive():
     d = _directives(render_sbatch(params, "/x/logs", map_count=10))
     assert "#SBATCH --array=0-9%4" in d
     assert "#SBATCH --output=/x/logs/%A_%a_0_log.out" in d
+
+
+def _submitted_by_submitit(tmp_path: Path, params: dict, map_count: int | None, monkeypatch) -> tuple[str, Path]:
+    """The script submitit's public SlurmExecutor hands to sbatch, caught by a stand-in sbatch on PATH."""
+    import submitit
+
+    bin_dir, caught = tmp_path / "bin", tmp_path / "caught.sh"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(f'#!/bin/sh\ncp "$1" {shlex.quote(str(caught))}\necho "Submitted batch job 42"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "logs"
+    ex = submitit.SlurmExecutor(folder=folder, python="@PYTHON@")
+    ex.update_parameters(**params)
+    if map_count is None:
+        ex.submit(print, "x")
+    else:
+        ex.map_array(print, list(range(map_count)))
+    return caught.read_text(), folder
+
+
+@pytest.mark.parametrize("case", ["leonardo-16n", "array-hostile-extra", "local-dependency"])
+def test_dry_run_renderer_writes_what_submitit_submits(tmp_path, monkeypatch, case):
+    """render_sbatch restates submitit's (private) script format; this pins it to what submitit's public
+    executor really writes, for the parameters the launchers set, so an upgrade that changes it fails here."""
+    if case == "leonardo-16n":
+        site = load_site("leonardo")
+        params, n = slurm_parameters(site, resolve_resources(site, nodes=16, account="AIFAC_P01")), None
+    elif case == "array-hostile-extra":
+        site = load_site("leonardo")
+        res = resolve_resources(site, account="p", job_name="it's $(rm -rf) `x`", time="00:30:00")
+        params = slurm_parameters(site, res, array_parallelism=3,
+                                  extra_sbatch={"mail-type": "END,FAIL", "mail-user": "a b@x.eu", "exclusive": True},
+                                  extra_env={"NOTE": "a'b \"c\" $HOME"})
+        n = 7
+    else:
+        site = load_site("local")
+        params, n = slurm_parameters(site, resolve_resources(site, nodes=2), dependency="afterok:17",
+                                     requeue=False), None
+    submitted, folder = _submitted_by_submitit(tmp_path, params, n, monkeypatch)
+    assert render_sbatch(params, folder, python="@PYTHON@", map_count=n) == submitted

@@ -1,8 +1,8 @@
 """Batch scripts and submitit executors from a site profile and a resolved request.
 
-The same parameters drive both the `--dry-run` text and the real submission (`make_executor` hands them to
-submitit's SlurmExecutor, whose `_make_sbatch_string` writes the script), so what a dry run prints is exactly
-what is queued. Every user-provided value reaches the script through `shlex.quote` (submitit quotes #SBATCH
+The same parameters drive both the `--dry-run` text (render_sbatch) and the real submission (`make_executor`
+hands them to submitit's SlurmExecutor, which writes the script render_sbatch restates), so what a dry run
+prints is exactly what is queued. Every user-provided value reaches the script through `shlex.quote` (submitit quotes #SBATCH
 values and srun arguments; we quote what we add); values quoting cannot make safe (line breaks, `%` in paths)
 are refused by preflight.
 
@@ -107,22 +107,62 @@ def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optiona
     return {k: v for k, v in params.items() if v is not None or k == "wckey"}
 
 
+# The module submitit's executor starts on every task (its public entry point, named by submitit itself in every
+# batch script it writes); a dry run must name the same command.
+SUBMITIT_ENTRY = "submitit.core._submit"
+# Parameters of submitit's SlurmExecutor that are not #SBATCH options.
+_NOT_SBATCH = {"setup", "teardown", "signal_delay_s", "stderr_to_stdout", "srun_args", "use_srun",
+               "array_parallelism", "additional_parameters"}
+# submitit's defaults for the #SBATCH options it always writes.
+_SUBMITIT_DEFAULTS = {"job_name": "submitit", "time": 5, "nodes": 1, "wckey": "submitit"}
+
+
 def submitit_command(folder: str | os.PathLike, python: Optional[str] = None) -> str:
     """The command srun runs on every task (the same string submitit's executor builds)."""
     python = shlex.quote(sys.executable) if python is None else python
-    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join([python, "-u -m", SUBMITIT_ENTRY, shlex.quote(str(folder))])
 
 
 def render_sbatch(params: dict[str, Any], folder: str | os.PathLike, python: Optional[str] = None,
                   map_count: Optional[int] = None) -> str:
-    """The batch script submitit would submit with these parameters (for --dry-run); submits nothing.
+    """The batch script submitit's SlurmExecutor writes for these parameters (for --dry-run); submits nothing.
 
-    `map_count` renders the script of a job array of that many tasks.
+    `map_count` renders the script of a job array of that many tasks. submitit keeps its own renderer private, so
+    this restates its format (sorted `#SBATCH --key=value` lines with shell-quoted values, the USR2 signal, the
+    %j/%A_%a log paths, setup, srun, teardown); tests/test_launch_scripts.py checks it byte for byte against the
+    script submitit writes, for every parameter the launchers set, so a submitit upgrade that changes the format
+    fails there rather than making dry runs lie.
     """
-    from submitit.slurm.slurm import _make_sbatch_string  # the function SlurmExecutor itself uses
+    from submitit.core.utils import JobPaths
 
-    extra = {"map_count": map_count} if map_count is not None else {}
-    return _make_sbatch_string(command=submitit_command(folder, python), folder=str(folder), **params, **extra)
+    params = {**_SUBMITIT_DEFAULTS, **params}
+    options = {k: v for k, v in params.items() if v is not None and k not in _NOT_SBATCH}
+    options["signal"] = f"USR2@{params.get('signal_delay_s', 90)}"
+    paths = JobPaths(folder=str(folder))
+    stdout, stderr = str(paths.stdout), str(paths.stderr)
+    if map_count is not None:
+        options["array"] = f"0-{map_count - 1}%{min(map_count, params.get('array_parallelism', 256))}"
+        stdout, stderr = stdout.replace("%j", "%A_%a"), stderr.replace("%j", "%A_%a")
+    options["output"] = stdout.replace("%t", "0")
+    if not params.get("stderr_to_stdout"):
+        options["error"] = stderr.replace("%t", "0")
+    options["open-mode"] = "append"
+    options.update(params.get("additional_parameters") or {})
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    for key in sorted(options):
+        flag = key.replace("_", "-")
+        lines.append(f"#SBATCH --{flag}" if options[key] is True else f"#SBATCH --{flag}={shlex.quote(str(options[key]))}")
+    if params.get("setup") is not None:
+        lines += ["", "# setup", *params["setup"]]
+    command = submitit_command(folder, python)
+    if params.get("use_srun", True):
+        stderr_flags = [] if params.get("stderr_to_stdout") else ["--error", stderr]
+        srun = ["srun", "--unbuffered", "--output", stdout, *stderr_flags, *(params.get("srun_args") or [])]
+        command = " ".join(shlex.quote(a) for a in srun) + " " + command
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", command, ""]
+    if params.get("teardown") is not None:
+        lines += ["", "# teardown", *params["teardown"]]
+    return "\n".join(lines)
 
 
 def make_slurm_executor(folder: str | os.PathLike, params: dict[str, Any], max_requeues: int,

@@ -14,7 +14,12 @@ from typing import Any, Callable, TypeVar
 from phileo.config import ConfigError, to_dict
 
 R = TypeVar("R")
+# The exit statuses of the training entry points (issue 13c brings one set for every job; until it lands these
+# are the values in use: pretraining exits EXIT_OK when preempted, fine-tuning EXIT_PREEMPTED).
+EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the array script requeues the task
 
 
 def add_config_args(parser: argparse.ArgumentParser, sections: str) -> None:

@@ -525,7 +525,7 @@ class Trainer:
             log.info("stop signal during the test evaluation: run again to evaluate (training is complete)")
             return TrainResult("preempted", result.step, result.final_loss, self.run_dir, message=str(e),
                                stopped_early=result.stopped_early)
-        self.metrics.log_eval(result.step, scalars, merge=True)
+        self.metrics.log_eval(result.step, scalars)
         self.metrics.flush()
         result.metrics = dict(scalars)
         self.task.on_complete(self.run_dir, result)

@@ -4,7 +4,8 @@ TensorBoard tags are grouped by prefix: `loss/total` and `loss/<term>`, `lr`, `g
 `perf/samples_per_s`, `perf/samples_per_s_per_gpu`, `perf/mfu`, `perf/step_time_s`, `perf/data_wait_s`,
 `perf/data_wait_frac`, `mem/...`; tasks add `val/...`, `test/...`, and images under `images/...`.
 metrics.jsonl holds the same scalars, one JSON object per logged step, at full precision (a resumed run appends;
-when a step appears twice, the later line is the one that counts). Files are group-readable (shared scratch).
+when a step appears twice, the later line is the one that counts, and an evaluation's line repeats the training
+scalars of its step so that it holds them all). Files are group-readable (shared scratch).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class MetricsLogger:
         self.tensorboard = tensorboard
         self.tb = None
         self._jsonl = None
+        self._last_line: tuple[int, dict[str, float]] = (-1, {})  # (step, scalars) of the newest jsonl line
         self._handlers: list[logging.Handler] = []
 
     def __enter__(self) -> "MetricsLogger":
@@ -177,9 +179,9 @@ class MetricsLogger:
         make_group_readable(path)
 
     def scalars(self, step: int, values: Mapping[str, float | None], merge: bool = False) -> None:
-        """Logs `values` (None values are skipped) at `step`. merge=True: the step was logged before and these
-        are more scalars for it; metrics.jsonl keeps the later line of a step logged twice, so the line written
-        repeats the earlier scalars of that step, while TensorBoard gets only the new tags."""
+        """Logs `values` (None values are skipped) at `step`. merge=True: more scalars for a step already
+        logged; metrics.jsonl keeps the later line of a step logged twice, so the line written repeats the
+        earlier scalars of that step, while TensorBoard gets only the new tags."""
         if not self.enabled or self._jsonl is None:
             return
         clean = {k: float(v) for k, v in values.items() if v is not None}
@@ -188,8 +190,15 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         line = clean
         if merge:
-            earlier = {k: v for k, v in read_metrics(self.run_dir).get(step, {}).items() if k != "time"}
+            last_step, last = self._last_line
+            if last_step == step:
+                earlier = last
+            elif last_step < 0:  # nothing written by this launch yet: the step may be in an earlier one's lines
+                earlier = {k: v for k, v in read_metrics(self.run_dir).get(step, {}).items() if k != "time"}
+            else:  # not logged by this launch; a line an earlier launch wrote for it is stale
+                earlier = {}
             line = {**earlier, **clean}
+        self._last_line = (step, line)
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **line}) + "\n")
         self._jsonl.flush()
 
@@ -208,11 +217,12 @@ class MetricsLogger:
                  100 * values["perf/data_wait_frac"], mem,
                  f" | MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else "")
 
-    def log_eval(self, step: int, values: Mapping[str, float] | None, merge: bool = False) -> None:
-        """Evaluation scalars (val/..., test/...) to metrics.jsonl, TensorBoard and one line of log.txt."""
+    def log_eval(self, step: int, values: Mapping[str, float] | None) -> None:
+        """Evaluation scalars (val/..., test/...) of a step to metrics.jsonl (merged with the step's training
+        scalars, see scalars()), TensorBoard and one line of log.txt."""
         if not values:
             return
-        self.scalars(step, values, merge=merge)
+        self.scalars(step, values, merge=True)
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in values.items()))
 
     def images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:

@@ -235,13 +235,15 @@ def test_metrics_logger_writes_log_jsonl_and_tensorboard_in_one_place(tmp_path):
     step_values = {"loss/total": 0.5, "loss/mse": 0.25, "lr": 1e-3, "grad_norm": None,
                    "perf/samples_per_s": 10.0, "perf/samples_per_s_per_gpu": 10.0, "perf/data_wait_frac": 0.1,
                    "mem/host_rss_peak_gib": 1.0}
+    before = list(logging.getLogger("phileo.train").handlers)
     with MetricsLogger(tmp_path, 0, tensorboard=True) as metrics:
         metrics.open_writers(0)
+        assert len(logging.getLogger("phileo.train").handlers) == len(before) + 2  # stderr and log.txt
         metrics.log_step(1, 2, step_values)
         metrics.log_step(2, 2, {**step_values, "loss/total": 0.4})
         metrics.log_eval(2, {"val/loss": 0.3})
         metrics.log_eval(2, {"test/rmse": 0.7})
-    assert not logging.getLogger("phileo.train").handlers  # the `with` block took its handlers away
+    assert logging.getLogger("phileo.train").handlers == before  # the `with` block took its handlers away
     logged = read_metrics(tmp_path)
     assert logged[1]["loss/total"] == 0.5 and "grad_norm" not in logged[1]
     # An evaluation line repeats the step's earlier scalars, so the later line (the one that counts) has them all.

@@ -369,15 +369,7 @@ class Trainer:
                 "precision": precision, "global_batch": self.world_batch,
                 "resumed_from": str(latest) if latest else None})
         self.metrics.open_writers(self.step)
-        self.metrics.hparams({"strategy": cfg.train.strategy, "precision": precision,
-                              "world_size": info.world_size, "num_nodes": info.num_nodes,
-                              "batch_size_per_process": cfg.data.batch_size, "global_batch": self.world_batch,
-                              "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
-                              "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
-                              "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
-                              "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name,
-                              **self.task.hparams()},
-                             ["loss/total"])
+        self.metrics.hparams(self._hparams(n_params), ["loss/total"])
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,
                  info.source, cfg.train.strategy, info.device, precision, n_params / 1e6,
@@ -386,6 +378,16 @@ class Trainer:
             log.info("resuming from %s (step %d, %d samples consumed on rank 0)", latest, self.step,
                      self.samples_consumed)
         return peak
+
+    def _hparams(self, n_params: int) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        return {"strategy": cfg.train.strategy, "precision": "bf16" if self.bf16 else "fp32",
+                "world_size": info.world_size, "num_nodes": info.num_nodes,
+                "batch_size_per_process": cfg.data.batch_size, "global_batch": self.world_batch,
+                "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
+                "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
+                "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
+                "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name, **self.task.hparams()}
 
     # --------------------------------------------------------------------------------------------- one step
     def _train_step(self, data_iter: Iterator) -> StepOutput | TrainResult:

@@ -6,11 +6,12 @@ save, list, verify, load, retention), StopPolicy (stop.py: steps, early stop, si
 parallel Strategy (strategy.py: DDP or DeepSpeed ZeRO). A job is a Task (model, batches, loss, evaluation) plus
 its config (the recipe).
 
-    trainer = Trainer(cfg, task)      # cfg has sections train, optim, checkpoint, run, data (see config.py)
+    trainer = Trainer(cfg, task)      # cfg: a JobConfig (sections model, data, optim, train, checkpoint, run)
     result = trainer.fit()            # TrainResult(status="completed" | "preempted" | "failed", step, ...)
 
 What `fit()` does, in order:
- 1. returns at once if run.dir holds a DONE marker for at least train.steps;
+ 1. returns at once if run.dir holds a DONE marker for at least train.steps (or an early stop) and the task has
+    no test;
  2. sets up the run folder (config.yaml, env.json, log.txt, TensorBoard, deepspeed_config.json);
  3. seeds, builds the model (identical on every rank), wraps it (DDP or ZeRO), and resumes from the newest
     complete checkpoint by step number: weights, optimizer, scheduler, task state, each rank's RNG states and

@@ -59,7 +59,9 @@ class Evaluator:
 
     @property
     def model(self) -> nn.Module:
-        """The bare model being trained (its weights are the training weights: load_state_dict changes them)."""
+        """The bare model being trained (its weights are the training weights: load_state_dict changes them).
+        Under ddp and zero1/2 it holds the full weights; under zero3 they are partitioned, so an evaluation there
+        would have to run `strategy.module` (no task needs that today: fine-tuning refuses ZeRO)."""
         return self.strategy.model
 
     def state_dict(self) -> dict[str, torch.Tensor]:

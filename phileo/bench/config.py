@@ -19,16 +19,17 @@ it for a cosine decay over max_epochs).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from phileo.config import ConfigError
-from phileo.train.config import CheckpointConfig, LoaderConfig, OptimConfig, RunConfig, TrainConfig
+from phileo.train.config import (CheckpointConfig, JobConfig, LoaderConfig, ModelConfig, OptimConfig, RunConfig,
+                                 TrainConfig)
 
 TASK_NAMES = ("roads", "building", "lc")
 
 
 @dataclass
-class FinetuneModelConfig:
+class FinetuneModelConfig(ModelConfig):
     """name: a phileo.models preset (phileo_cnn_44m, phileo_cnn_200m, phileo_vit_100m, phileo_cnn_tiny, ...).
     init: where the weights start from: "scratch" (random), a pretraining run folder (its newest checkpoint), a
     checkpoint folder or its model.pt, or a published weights file; read by phileo.models.load_pretrained, which
@@ -36,11 +37,8 @@ class FinetuneModelConfig:
     freeze_encoder: train only the decoder and head (decoder probing). overrides: config fields of the preset by
     their published names (e.g. {img_size: 64} for 64 px patches)."""
 
-    name: str = "phileo_cnn_44m"
     init: str = "scratch"
     freeze_encoder: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
-    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         if not self.name:
@@ -58,7 +56,7 @@ class FinetuneDataConfig(LoaderConfig):
     selection JSON is kept (default {root}/nshot_indices; set it when root is read-only). nshot_index: a published
     selection to use instead of drawing one (a phileo-bench/indices/*.json file, or the folder of them: the file for
     the task and n_shot is found by name; see phileo.bench.published_nshot). batch_size: per process.
-    eval_batch_size: for validation and test (0: batch_size)."""
+    eval_batch_size (a loader key): for validation and test (0: batch_size)."""
 
     batch_size: int = 16
     root: str = ""
@@ -70,7 +68,6 @@ class FinetuneDataConfig(LoaderConfig):
     nshot_index: str = ""
     normalisation: Literal["reflectance", "standardise", "none"] = "reflectance"
     augment: bool = False
-    eval_batch_size: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -78,8 +75,6 @@ class FinetuneDataConfig(LoaderConfig):
             raise ConfigError(f"data.n_shot must be >= 1 (patches per region bucket), got {self.n_shot}")
         if not 0 < self.val_ratio <= 1:
             raise ConfigError(f"data.val_ratio must be within (0, 1], got {self.val_ratio}")
-        if self.eval_batch_size < 0:
-            raise ConfigError(f"data.eval_batch_size must be >= 0 (0 = data.batch_size), got {self.eval_batch_size}")
 
 
 @dataclass
@@ -139,8 +134,9 @@ class FinetuneRunConfig(RunConfig):
 
 
 @dataclass
-class FinetuneConfig:
-    """The whole fine-tuning job; saved as run.dir/config.yaml and inside result.json."""
+class FinetuneConfig(JobConfig):
+    """The whole fine-tuning job: the engine's shared sections with the reference fine-tuning defaults, plus
+    `finetune` (the protocol in epochs); saved as run.dir/config.yaml and inside result.json."""
 
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)

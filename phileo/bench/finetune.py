@@ -6,16 +6,17 @@
     srun --ntasks-per-node=4 python -m phileo.bench.finetune ...      # DDP over 4 GPUs (or torchrun)
 
 Tasks: roads and building (1 output, MSE), lc (11 WorldCover classes, cross-entropy ignoring no-data pixels).
-The same Trainer as pretraining runs the loop, so checkpoints, resume, the pre-timeout signal (a checkpoint and
-status "preempted"), TensorBoard (loss/total, lr, perf/..., val/loss, test/<metric>) and the run folder layout
-are the same. On top of it:
+Fine-tuning is a Task (BenchTask: model, n-shot batches, task loss, validation and test) plus its recipe
+(FinetuneConfig); the engine's Trainer runs it, so the loop, checkpoints and resume, the pre-timeout signal (a
+checkpoint and status "preempted"), log.txt, metrics.jsonl and TensorBoard (loss/total, lr, perf/..., val/loss,
+test/<metric>) and the run folder layout are the engine's, written by the engine's components. The task adds:
 
 - the n-shot training and validation patches come from the saved selection (phileo.bench.data);
 - the validation loss is measured every finetune.val_every_epochs; the weights with the lowest one are kept
   (inside every checkpoint, so a requeued run keeps them) and training stops early after
   finetune.patience_epochs epochs without improvement;
-- at the end the best weights are evaluated on the full test set (all *_test_s2.npy patches, split among the
-  ranks, metrics summed across them) and written to run.dir/best_model.pt;
+- once training is complete the best weights are evaluated on the full test set (Task.test: all *_test_s2.npy
+  patches, split among the ranks, metrics summed across them) and written to run.dir/best_model.pt;
 - run.dir/result.json (written last, atomically: its presence means "finished") holds the test metrics, the
   best validation loss and epoch, the exact config and the n-shot index file's path and sha256.
 
@@ -26,7 +27,6 @@ to continue), 1 failed, 2 bad command line or config.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import sys
@@ -38,18 +38,20 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from phileo.config import ConfigError, apply_overrides, load_config, to_dict, validate
-from phileo.bench.data import (IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, BenchSplits, nshot_datasets)
-from phileo.fsutil import atomic_write_json, make_group_readable, read_json
+from phileo.bench.config import FinetuneConfig
+from phileo.bench.data import IGNORE_INDEX, NUM_LC_CLASSES, WORLDCOVER_NAMES, BenchSplits, nshot_datasets
+from phileo.bench.metrics import RegressionMetrics, SegmentationMetrics
+from phileo.config import ConfigError, apply_overrides, to_dict, validate
+from phileo.fsutil import atomic_write_json, read_json
 from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
 from phileo.train.cli import add_config_args, run_config_job
-from phileo.bench.metrics import RegressionMetrics, SegmentationMetrics
+from phileo.train.config import build_config
 from phileo.train.engine import Task, Trainer, TrainResult
-from phileo.bench.config import FinetuneConfig
-from phileo.train.signals import StopFlag, ignore_signals
+from phileo.train.evaluate import Evaluator
+from phileo.train.stop import EarlyStopping, steps_per_epoch
 
 log = logging.getLogger("phileo.train")
 
@@ -93,103 +95,38 @@ def resolve_init(init: str) -> Path | None:
     return p
 
 
-def shard(dataset: Dataset, info: dist.DistInfo) -> Dataset:
-    """This rank's share for evaluation: items rank, rank + world, ... (no padding, so sums are exact)."""
-    if info.world_size == 1:
-        return dataset
-    return Subset(dataset, list(range(info.global_rank, len(dataset), info.world_size)))  # type: ignore[arg-type]
-
-
-def _worker_ignores_signals(signal_names: list[str], worker_id: int) -> None:
-    ignore_signals(signal_names)
-
-
-def _eval_loader(dataset: Dataset, cfg: FinetuneConfig, info: dist.DistInfo) -> DataLoader:
-    workers = min(cfg.data.num_workers, 2)  # evaluation sets are small or read once: few workers suffice
-    # SLURM signals every process of the step: workers must not die of USR2 while the main process checkpoints.
-    init = functools.partial(_worker_ignores_signals, list(cfg.train.stop_signals)) if workers else None
-    return DataLoader(shard(dataset, info), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-                      shuffle=False, num_workers=workers, pin_memory=info.device.startswith("cuda"),
-                      worker_init_fn=init)
-
-
-def _autocast(device: torch.device, bf16: bool):
-    import contextlib
-
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def validation_loss(model: nn.Module, dataset: Dataset, task: str, cfg: FinetuneConfig, info: dist.DistInfo,
-                    bf16: bool) -> float:
-    """Mean per-pixel loss over the whole validation set (all ranks' shares), the same on every rank."""
-    device = torch.device(info.device)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    try:
-        for batch in _eval_loader(dataset, cfg, info):
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            with _autocast(device, bf16):
-                out = model(x)
-            sums += torch.tensor([float(task_loss(task, out, y, reduction="sum")), _count(task, y)],
-                                 dtype=torch.float64)
-    finally:
-        model.train(was_training)
-    sums = dist.all_reduce_(sums.to(device)).cpu()
-    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
-
-
-def test_metrics(model: nn.Module, dataset: Dataset, task: str, cfg: FinetuneConfig, info: dist.DistInfo,
-                 bf16: bool, stop: StopFlag | None = None) -> dict[str, Any] | None:
-    """Test-set metrics of `model` (RegressionMetrics / SegmentationMetrics) summed over all ranks' shares.
-
-    Returns None when a stop signal arrived meanwhile (checked between batches, agreed by all ranks), so that
-    the caller can exit for a requeue instead of being killed halfway.
-    """
-    device = torch.device(info.device)
-    metric = (SegmentationMetrics(NUM_LC_CLASSES, IGNORE_INDEX, WORLDCOVER_NAMES) if task == "lc"
-              else RegressionMetrics(threshold=0.5))
-    model.eval()
-    loader = _eval_loader(dataset, cfg, info)
-    n_batches = torch.tensor([float(len(loader))], device=device)
-    # Ranks may hold one batch more or less; all must take part in the same number of stop votes.
-    n_max = int(dist.all_reduce_(n_batches, "max").item())
-    it = iter(loader)
-    with torch.no_grad():
-        for _ in range(n_max):
-            flag = torch.tensor([float(stop is not None and stop.requested)], device=device)
-            if dist.all_reduce_(flag, "max").item() > 0:
-                return None
-            batch = next(it, None)
-            if batch is None:
-                continue
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            with _autocast(device, bf16):
-                out = model(x)
-            metric.update(out.float(), y)
-    metric.all_reduce()
-    return metric.compute()
-
-
 class BenchTask(Task):
     """One PhilEO Bench task for the Trainer: the downstream model, the n-shot training set, the task loss,
-    validation with early stopping, and the best weights as part of the task state."""
+    validation with early stopping, the best weights as part of the task state, and the test of the best
+    weights with result.json and best_model.pt as the task's outputs. t0: when the job started (wall time)."""
 
     split = "world"
     name = "finetune"
+    has_test = True
 
-    def __init__(self, cfg: FinetuneConfig, splits: BenchSplits, info: dist.DistInfo, steps_per_epoch: int):
+    def __init__(self, cfg: FinetuneConfig, splits: BenchSplits, info: dist.DistInfo, steps_per_epoch: int,
+                 t0: float | None = None):
         self.cfg, self.splits, self.info = cfg, splits, info
         self.task = cfg.data.task
         self.steps_per_epoch = steps_per_epoch
+        self.t0 = time.time() if t0 is None else t0
         self.init_report: dict[str, Any] | None = None
-        self.best_val_loss = math.inf
-        self.best_step = 0
+        # Counted in steps: validation runs at whole epochs, so this is patience_epochs epochs exactly.
+        self.early = EarlyStopping(cfg.finetune.patience_epochs * steps_per_epoch, cfg.finetune.min_delta)
         # Every rank keeps its own copy (identical under DDP): nothing to broadcast when testing.
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[list[float]] = []  # [epoch, val loss]
-        self._stop = False
+        self.test_metrics: dict[str, Any] | None = None
+        self.result: dict[str, Any] | None = None  # result.json's content, on global rank 0
+        self._tested_model: nn.Module | None = None
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.early.best
+
+    @property
+    def best_step(self) -> int:
+        return self.early.best_at
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -228,21 +165,40 @@ class BenchTask(Task):
         loss = task_loss(self.task, outputs, batch["label"])
         return loss, {self.task: loss.detach()}
 
-    # -- validation and early stopping
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float] | None:
-        val = validation_loss(trainer.model, self.splits.val, self.task, self.cfg, self.info, trainer.bf16)
+    # -- validation, early stopping and test
+    def _loss_sum(self, outputs: torch.Tensor, batch: dict[str, Any]) -> tuple[float, int]:
+        return float(task_loss(self.task, outputs, batch["label"], reduction="sum")), _count(self.task, batch["label"])
+
+    def evaluate(self, evaluator: Evaluator, step: int) -> dict[str, float] | None:
+        """Mean per-pixel validation loss over the whole validation set; keeps the weights with the lowest."""
+        val = evaluator.mean(self.splits.val, self._loss_sum)
         epoch = self.epoch_of(step)
         self.history.append([epoch, val])
-        if math.isfinite(val) and val < self.best_val_loss - self.cfg.finetune.min_delta:
-            self.best_val_loss, self.best_step = val, step
-            self.best_state = trainer.model_state_dict()
-        since = epoch - self.epoch_of(self.best_step) if self.best_step else epoch
-        self._stop = since >= self.cfg.finetune.patience_epochs
+        if self.early.update(val, step):
+            self.best_state = evaluator.state_dict()
         return {"val/loss": val, "val/best_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else val,
                 "epoch": float(epoch)}
 
     def should_stop(self) -> bool:
-        return self._stop
+        return self.early.should_stop
+
+    def test(self, evaluator: Evaluator, step: int) -> dict[str, float]:
+        """The best weights (the final ones if no finite validation loss was measured) on the whole test set."""
+        if self.best_state is not None:
+            evaluator.model.load_state_dict(self.best_state)
+        else:
+            log.warning("no finite validation loss was ever measured: testing the final weights")
+        metric = (SegmentationMetrics(NUM_LC_CLASSES, IGNORE_INDEX, WORLDCOVER_NAMES) if self.task == "lc"
+                  else RegressionMetrics(threshold=0.5))
+        self.test_metrics = evaluator.metrics(self.splits.test, metric, stoppable=True)
+        self._tested_model = evaluator.model
+        return {f"test/{k}": v for k, v in self.test_metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def on_complete(self, run_dir: Path, result: TrainResult) -> None:
+        """best_model.pt, then result.json (written last, atomically: its presence means "finished")."""
+        if self.info.is_main:
+            self.result = _write_result(self.cfg, run_dir, self, result, self._tested_model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_val_loss": self.best_val_loss, "best_step": self.best_step, "history": self.history,
@@ -251,8 +207,7 @@ class BenchTask(Task):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        self.best_val_loss = float(state["best_val_loss"])
-        self.best_step = int(state["best_step"])
+        self.early.load_state_dict({"best": state["best_val_loss"], "best_at": state["best_step"]})
         self.history = [list(h) for h in state["history"]]
         self.best_state = state.get("best_state")
 
@@ -286,7 +241,8 @@ class BenchTask(Task):
 @dataclass
 class FinetuneResult:
     """How run_finetuning ended: status "completed" (result.json written), "preempted" (checkpoint saved, run
-    again to continue) or "failed" (message says why); result: the result.json content when completed."""
+    again to continue) or "failed" (message says why); result: the result.json content when completed (on
+    global rank 0)."""
 
     status: str
     run_dir: Path
@@ -298,23 +254,14 @@ class FinetuneResult:
 def derive_steps(cfg: FinetuneConfig, n_train: int, world_size: int) -> tuple[FinetuneConfig, int]:
     """Sets train.steps, train.eval_every_steps, optim.warmup_steps and checkpoint.every_steps from the epoch
     settings; returns (config, steps per epoch). One epoch = ceil(n_train / (batch_size x world_size)) steps."""
-    per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * world_size
-    steps_per_epoch = max(1, math.ceil(n_train / per_step))
+    per_epoch = steps_per_epoch(n_train, cfg.data.batch_size * cfg.train.grad_accum_steps * world_size)
     ft = cfg.finetune
     return apply_overrides(cfg, {
-        "train.steps": ft.max_epochs * steps_per_epoch,
-        "train.eval_every_steps": ft.val_every_epochs * steps_per_epoch,
-        "optim.warmup_steps": ft.warmup_epochs * steps_per_epoch,
-        "checkpoint.every_steps": ft.checkpoint_every_epochs * steps_per_epoch,
-    }), steps_per_epoch
-
-
-def _best_from_checkpoint(run_dir: Path) -> dict[str, Any]:
-    latest = ckpt_io.latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir} is marked DONE but has no checkpoint to take the best weights from; "
-                                f"delete {run_dir / ckpt_io.DONE} to train again")
-    return ckpt_io.load_file(latest / "trainer.pt", "trainer state").get("task", {})
+        "train.steps": ft.max_epochs * per_epoch,
+        "train.eval_every_steps": ft.val_every_epochs * per_epoch,
+        "optim.warmup_steps": ft.warmup_epochs * per_epoch,
+        "checkpoint.every_steps": ft.checkpoint_every_epochs * per_epoch,
+    }), per_epoch
 
 
 def run_finetuning(cfg: FinetuneConfig, info: dist.DistInfo | None = None) -> FinetuneResult:
@@ -338,96 +285,39 @@ def run_finetuning(cfg: FinetuneConfig, info: dist.DistInfo | None = None) -> Fi
                             val_ratio=cfg.data.val_ratio, index_dir=cfg.data.nshot_index_dir or None,
                             normalisation=cfg.data.normalisation, augment=cfg.data.augment,
                             published_index=cfg.data.nshot_index or None)
-    cfg, steps_per_epoch = derive_steps(cfg, len(splits.train), info.world_size)
-    task = BenchTask(cfg, splits, info, steps_per_epoch)
-    trainer = Trainer(cfg, task, info)
+    cfg, per_epoch = derive_steps(cfg, len(splits.train), info.world_size)
+    task = BenchTask(cfg, splits, info, per_epoch, t0)
     if info.is_main:
         log.info("fine-tuning %s (init %s) on %s, n=%d: %d train / %d val / %d test patches, %d steps per epoch",
                  cfg.model.name, cfg.model.init, cfg.data.task, cfg.data.n_shot, len(splits.train),
-                 len(splits.val), len(splits.test), steps_per_epoch)
-    train_result = trainer.fit()
-    if train_result.status != "completed":
-        return FinetuneResult(train_result.status, run_dir, message=train_result.message, train=train_result)
-
-    # The Trainer closed its log handlers; the test phase logs into the same log.txt.
-    from phileo.train.metrics import setup_logging, teardown_logging
-
-    handlers = setup_logging(run_dir, info.global_rank)
-    try:
-        return _test_and_report(cfg, run_dir, task, trainer, splits, train_result, info, t0)
-    finally:
-        teardown_logging(handlers)
+                 len(splits.val), len(splits.test), per_epoch)
+    train_result = Trainer(cfg, task, info).fit()
+    return FinetuneResult(train_result.status, run_dir, task.result if train_result.status == "completed" else None,
+                          train_result.message, train_result)
 
 
-def _test_and_report(cfg: FinetuneConfig, run_dir: Path, task: "BenchTask", trainer: Trainer, splits: BenchSplits,
-                     train_result: TrainResult, info: dist.DistInfo, t0: float) -> FinetuneResult:
-    model = trainer.model
-    if model is None:  # fit() found the run DONE (a crash after training): rebuild and take the best weights
-        task.load_state_dict(_best_from_checkpoint(run_dir))
-        model = task.build_model().to(info.device)
-        if task.best_state is None:
-            model.load_state_dict(ckpt_io.load_model_state(ckpt_io.latest_checkpoint(run_dir)))
-    if task.best_state is not None:
-        model.load_state_dict(task.best_state)
-    else:
-        log.warning("no finite validation loss was ever measured: testing the final weights")
-    stop = StopFlag(list(cfg.train.stop_signals))
-    stop.install()
-    try:
-        metrics = test_metrics(model, splits.test, cfg.data.task, cfg, info, trainer.bf16, stop)
-    finally:
-        stop.restore()
-    if metrics is None:
-        log.info("stop signal during the test evaluation: run again to evaluate (training is complete)")
-        return FinetuneResult("preempted", run_dir, message="stop signal during test evaluation",
-                              train=train_result)
-
-    result = None
-    if info.is_main:
-        result = _write_result(cfg, run_dir, task, splits, metrics, train_result, info, model, time.time() - t0)
-    dist.barrier()
-    return FinetuneResult("completed", run_dir, result, train_result.message, train_result)
-
-
-def _write_result(cfg: FinetuneConfig, run_dir: Path, task: BenchTask, splits: BenchSplits,
-                  metrics: dict[str, Any], train_result: TrainResult, info: dist.DistInfo, model: nn.Module,
-                  wall_time_s: float) -> dict[str, Any]:
+def _write_result(cfg: FinetuneConfig, run_dir: Path, task: BenchTask, train_result: TrainResult,
+                  model: nn.Module) -> dict[str, Any]:
     from phileo.models import save_published
-    from phileo.train.metrics import MetricsWriter, read_metrics
 
-    done = ckpt_io.read_done(run_dir) or {}
-    final_step = int(done.get("step", train_result.step))
+    final_step = train_result.step
     save_published(model, run_dir / BEST_MODEL_FILE, step=task.best_step, val_loss=task.best_val_loss,
                    config=to_dict(cfg))
-    test_scalars = {f"test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
-                    and not isinstance(v, bool)}
-    # metrics.jsonl keeps the later line of a step logged twice: repeat that step's training scalars with the
-    # test ones so nothing is shadowed. TensorBoard gets only the new tags.
-    earlier = {k: v for k, v in read_metrics(run_dir).get(final_step, {}).items() if k != "time"}
-    jsonl = MetricsWriter(run_dir, True, tensorboard=False)
-    jsonl.scalars(final_step, {**earlier, **test_scalars})
-    jsonl.close()
-    if cfg.run.tensorboard:  # only the new tags: the step's training scalars are already in the event files
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(run_dir / "tensorboard")) as tb:
-            for k, v in test_scalars.items():
-                tb.add_scalar(k, float(v), final_step)
-        for f in (run_dir / "tensorboard").iterdir():
-            make_group_readable(f)
     best = task.best_val_loss if math.isfinite(task.best_val_loss) else None
+    splits, metrics = task.splits, task.test_metrics
     result = {
         "status": "completed",
         "task": cfg.data.task, "n_shot": cfg.data.n_shot, "model": cfg.model.name, "init": cfg.model.init,
         "freeze_encoder": cfg.model.freeze_encoder, "lr": cfg.optim.lr, "seed": cfg.train.seed,
         "best_val_loss": best, "best_step": task.best_step, "best_epoch": task.epoch_of(task.best_step),
         "epochs_run": task.epoch_of(final_step), "steps": final_step,
-        "stopped_early": bool(done.get("stopped_early", False)), "steps_per_epoch": task.steps_per_epoch,
+        "stopped_early": train_result.stopped_early, "steps_per_epoch": task.steps_per_epoch,
         "val_history": task.history,
         "test": metrics, "test_patches": len(splits.test), "test_skipped_files": splits.test.skipped,
         "n_train": len(splits.train), "n_val": len(splits.val),
         "nshot_index": {"path": str(splits.index_path), "sha256": splits.index_sha256},
-        "init_report": task.init_report, "world_size": info.world_size, "wall_time_s": round(wall_time_s, 1),
+        "init_report": task.init_report, "world_size": task.info.world_size,
+        "wall_time_s": round(time.time() - task.t0, 1),
         "config": to_dict(cfg),
     }
     atomic_write_json(run_dir / RESULT_FILE, result)
@@ -438,12 +328,6 @@ def _write_result(cfg: FinetuneConfig, run_dir: Path, task: BenchTask, splits: B
     return result
 
 
-def build_config(config_path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
-    if config_path:
-        return load_config(FinetuneConfig, config_path, overrides)
-    return apply_overrides(FinetuneConfig(), overrides)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phileo.bench.finetune",
@@ -451,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Overrides are key=value, e.g. data.root=/data/phileo-downstream data.task=lc data.n_shot=100 "
                "model.name=phileo_vit_100m model.init=/weights/phileo_vit_100m.pt model.freeze_encoder=true "
                "optim.lr=1e-4 run.dir=$SCRATCH/ft/run1. Keys: see phileo/bench/config.py.")
-    add_config_args(parser, "model, data, finetune, optim, train, checkpoint, run")
+    add_config_args(parser, "model, data, optim, train, checkpoint, run, finetune")
     args = parser.parse_args(argv)
     return run_config_job(
-        lambda: build_config(args.config, args.overrides), run_finetuning, args.print_config,
+        lambda: build_config(FinetuneConfig, args.config, args.overrides), run_finetuning, args.print_config,
         summary=lambda r: f"{r.status}: {r.run_dir}" + (f" ({r.message})" if r.message else ""))
 
 

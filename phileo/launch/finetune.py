@@ -22,13 +22,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 
 from phileo import exit_codes
-from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
+from phileo.config import ConfigError, apply_overrides, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import (PreflightReport, absent_here, check_limits, check_model, cost_note,
                                      live_checks, not_here_note, preflight, run_dir_report)
-from phileo.launch.pretrain import _deep_merge, wait_and_report
+from phileo.launch.pretrain import wait_and_report
 from phileo.launch.resources import job_cost
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
@@ -80,16 +80,14 @@ def build_finetune_parser() -> argparse.ArgumentParser:
 
 
 def build_finetune_config(args: argparse.Namespace, run_dir: Path) -> Any:
-    cls = _finetune_config_class()
-    data = to_dict(cls())
-    if args.config:
-        data = _deep_merge(data, read_yaml_mapping(args.config))
-    cfg = from_dict(cls, data)
+    """The FinetuneConfig of this launch: defaults, --config, the flags, then key=value (the one builder)."""
+    from phileo.train.config import build_config
+
     flags = {k: getattr(args, f) for f, k in FINETUNE_FLAG_KEYS.items() if getattr(args, f) is not None}
     if "data.root" in flags:
         flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
     flags["run.dir"] = str(run_dir)
-    return apply_overrides(apply_overrides(cfg, flags), list(args.overrides))
+    return apply_overrides(build_config(_finetune_config_class(), args.config or None, flags), list(args.overrides))
 
 
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:

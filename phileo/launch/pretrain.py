@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 
 from phileo import exit_codes
-from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, save_config, to_dict
+from phileo.config import ConfigError, apply_overrides, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
@@ -69,31 +69,18 @@ def _config_class():
     return PretrainConfig
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def build_config(args: argparse.Namespace, run_dir: Path, num_workers: Optional[int],
                  base_file: Optional[Path]) -> Any:
-    """The PretrainConfig for this launch (layers as in the module docstring); validated."""
-    cls = _config_class()
-    data = to_dict(cls())
-    if num_workers is not None and base_file is None:
-        data = _deep_merge(data, {"data": {"num_workers": num_workers}})
-    if base_file is not None:
-        data = _deep_merge(data, read_yaml_mapping(base_file))
-    try:
-        cfg = from_dict(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{base_file or 'config'}: {e}") from None
+    """The PretrainConfig for this launch (layers as in the module docstring); validated. One builder for
+    every job config (phileo.train.config.build_config); this only says what the launcher's layers are."""
+    from phileo.train.config import build_config as build_job_config
+
+    site = {"data": {"num_workers": num_workers}} if num_workers is not None and base_file is None else None
     flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if "data.root" in flags:
         flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
     flags["run.dir"] = str(run_dir)
-    cfg = apply_overrides(cfg, flags)
+    cfg = build_job_config(_config_class(), base_file, flags, base=site)
     return apply_overrides(cfg, list(args.overrides))
 
 

@@ -16,10 +16,12 @@ a dot-folder that the next start deletes. The newest checkpoint is chosen by ste
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,13 @@ import numpy as np
 import torch
 
 from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
+from phileo.train import dist
 
 CHECKPOINTS = "checkpoints"
 DONE = "DONE"
+MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
+log = logging.getLogger("phileo.train")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -216,7 +222,137 @@ def read_done(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return read_json(p, "DONE marker") if p.is_file() else None
 
 
-__all__ = ["CHECKPOINTS", "DONE", "checkpoint_dir", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
+@dataclass
+class Resumed:
+    """What CheckpointManager.load() read back besides the strategy's own state: `trainer` is trainer.pt (step,
+    last loss, the task's state, strategy, world size); `rank` is this rank's rank_*.pt (RNG states, data
+    position), or None when the checkpoint was written by another number of processes."""
+
+    path: Path
+    step: int
+    trainer: dict[str, Any]
+    rank: dict[str, Any] | None
+
+
+class CheckpointManager:
+    """Every checkpoint rule of a run in one place: save (atomic, collective), list, verify, load, retention.
+
+    run_dir/checkpoints/ holds complete `step_*` folders only (see the module docstring for the layout and the
+    commit protocol). `strategy` (phileo.train.strategy) writes and reads the model and optimizer part; this class
+    writes the rest (trainer.pt on global rank 0, rank_*.pt on every rank) and owns the folder's life cycle.
+    All methods that take part in a save or load are collective: call them on every rank.
+
+    Per-file manifests and "skip a bad newest checkpoint" (issue 14) belong in verify() and latest(): listing
+    and resuming already go through them and nothing else decides what a complete checkpoint is.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, info: dist.DistInfo):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is needed to resume), got {keep_last}")
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.info = info
+
+    # -- what is there
+    def list(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, folder), oldest first, by step number."""
+        return list_checkpoints(self.run_dir)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (decided on global rank 0, the same answer on every rank)."""
+        return dist.broadcast_object(latest_checkpoint(self.run_dir) if self.info.is_main else None)
+
+    def verify(self, ckpt: str | os.PathLike) -> list[str]:
+        """What is wrong with the checkpoint folder `ckpt` (empty when it is usable): missing or empty files of
+        the parts this class and the strategy write. Does not read the tensors."""
+        p = Path(ckpt)
+        problems = []
+        if not _STEP_RE.match(p.name):
+            problems.append(f"{p.name} is not named step_<digits>")
+        for name in (MODEL_FILE, TRAINER_FILE):
+            f = p / name
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+            elif f.stat().st_size == 0:
+                problems.append(f"{name} is empty")
+        return problems
+
+    def clean_stale(self) -> list[Path]:
+        """Deletes half-written folders of an earlier crash (global rank 0, before any save); returns them."""
+        return remove_stale_tmp(self.run_dir) if self.info.is_main else []
+
+    # -- save and load
+    def save(self, step: int, strategy: Any, payload: dict[str, Any], trainer_state: dict[str, Any],
+             rank_state: dict[str, Any]) -> Path:
+        """Writes the checkpoint of `step` and returns its folder (collective). The folder is assembled under a
+        temporary name by all ranks, flushed, renamed into place by rank 0 once every rank has finished, then
+        older checkpoints beyond keep_last are deleted. payload goes into model.pt beside the weights."""
+        final = checkpoint_dir(self.run_dir, step)
+        tmp = tmp_checkpoint_dir(self.run_dir, step)
+        if self.info.is_main:
+            prepare_tmp_dir(self.run_dir, step)
+        dist.barrier()
+        strategy.save(tmp, payload)
+        save_file(rank_state, rank_state_path(tmp, self.info.global_rank))
+        if self.info.is_main:
+            save_file(trainer_state, tmp / TRAINER_FILE)
+        fsync_tree(tmp)
+        dist.barrier()
+        if self.info.is_main:
+            commit_tmp_dir(tmp, final)
+            self.prune()
+        dist.barrier()
+        return final
+
+    def prune(self) -> list[Path]:
+        """Retention: deletes all but the keep_last newest complete checkpoints (global rank 0)."""
+        if not self.info.is_main:
+            return []
+        doomed = prune_checkpoints(self.run_dir, self.keep_last)
+        for old in doomed:
+            log.info("deleted old checkpoint %s (checkpoint.keep_last=%d)", old.name, self.keep_last)
+        return doomed
+
+    def load(self, ckpt: str | os.PathLike, strategy: Any, expect_strategy: str) -> Resumed:
+        """Loads the model and optimizer into `strategy` and returns the rest (collective). Refuses a checkpoint
+        of another train.strategy, naming both."""
+        p = Path(ckpt)
+        trainer_state = load_file(p / TRAINER_FILE, "trainer state")
+        if trainer_state.get("strategy") != expect_strategy:
+            raise RuntimeError(
+                f"{p} was written with train.strategy={trainer_state.get('strategy')} but this run uses "
+                f"train.strategy={expect_strategy}; resume with the same strategy, or start a new run.dir")
+        strategy.load(p)
+        rank_file = rank_state_path(p, self.info.global_rank)
+        rank = None
+        if rank_file.is_file() and trainer_state.get("world_size") == self.info.world_size:
+            rank = load_file(rank_file, "rank state")
+        return Resumed(p, int(trainer_state["step"]), trainer_state, rank)
+
+    def load_task_state(self, ckpt: str | os.PathLike | None = None) -> dict[str, Any]:
+        """The task's state saved in `ckpt` (default: the newest checkpoint) without touching any model."""
+        p = Path(ckpt) if ckpt is not None else latest_checkpoint(self.run_dir)
+        if p is None:
+            raise FileNotFoundError(f"{self.run_dir / CHECKPOINTS} holds no complete checkpoint")
+        return load_file(p / TRAINER_FILE, "trainer state").get("task", {})
+
+    # -- the end of a run
+    def done(self) -> dict[str, Any] | None:
+        """The DONE marker's content, or None when the run has not finished."""
+        return read_done(self.run_dir)
+
+    def mark_done(self, step: int, final_loss: float | None, **extra: Any) -> None:
+        """Writes DONE (global rank 0)."""
+        if self.info.is_main:
+            write_done(self.run_dir, step, final_loss, **extra)
+
+    def clear_done(self) -> None:
+        """Removes DONE (global rank 0): train.steps was raised past a finished run."""
+        if self.info.is_main:
+            (self.run_dir / DONE).unlink(missing_ok=True)
+
+
+__all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "CHECKPOINTS", "DONE", "checkpoint_dir", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
            "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints",
            "fsync_tree", "make_tree_group_readable", "save_file", "load_file", "rank_state_path",
            "capture_rng_state", "restore_rng_state", "load_model_state", "write_done", "read_done"]

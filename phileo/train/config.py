@@ -1,21 +1,24 @@
-"""The pretraining job config: one typed dataclass per concern, one `PretrainConfig` to hold them.
+"""The job config schema: one typed dataclass per concern, `JobConfig` for the sections every training job
+shares, `PretrainConfig` for pretraining, and `build_config`, the one way a job config is built.
 
 Every key can be set from the command line as `section.key=value` (phileo.config.apply_overrides); the launcher
 maps its flags onto the same keys (`--model` → model.name, `--data` → data.root, `--batch-size` → data.batch_size,
 `--steps` → train.steps, `--strategy` → train.strategy, `--seed` → train.seed, `--run-dir` → run.dir).
 
-The sections `train`, `optim`, `checkpoint` and `run` are what the generic `phileo.train.engine.Trainer` reads, so
-other jobs (fine-tuning) reuse them unchanged and add their own model/data sections. The Trainer also reads
-`data.batch_size`, `data.num_workers`, `data.pin_memory` and `data.prefetch_factor` from whatever `data` section
-the job has (`LoaderConfig` below has exactly those).
+`JobConfig` holds the sections the generic `phileo.train.engine.Trainer` reads: `model` (a registered model name),
+`data` (at least the loader keys of `LoaderConfig`), `optim`, `train`, `checkpoint` and `run`. A job's config
+subclasses it, narrowing a section to a subclass of the shared one (other defaults, more keys) and adding its own
+sections: PretrainConfig adds `loss`, phileo.bench.config.FinetuneConfig adds `finetune` (epochs, early stopping).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Optional, TypeVar
 
-from phileo.config import ConfigError
+from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 
 Strategy = Literal["ddp", "zero1", "zero2", "zero3"]
 Precision = Literal["fp32", "bf16", "auto"]
@@ -23,7 +26,7 @@ Precision = Literal["fp32", "bf16", "auto"]
 
 @dataclass
 class ModelConfig:
-    """Which registered model to pretrain (phileo.models.create_model(name, **overrides))."""
+    """Which registered model to train (phileo.models.create_model(name, **overrides))."""
 
     name: str = "phileo_cnn_44m"
     # Config fields of the preset to change, by their published names (e.g. {img_size: 64}).
@@ -40,6 +43,7 @@ class LoaderConfig:
     num_workers: int = 4  # DataLoader worker processes per rank (HDF5 reads need processes, not threads)
     pin_memory: bool = True  # only used on GPU
     prefetch_factor: int = 2  # batches each worker keeps ready
+    eval_batch_size: int = 0  # per process, for the task's evaluation and test sets (0: batch_size)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -48,6 +52,8 @@ class LoaderConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.eval_batch_size < 0:
+            raise ConfigError(f"data.eval_batch_size must be >= 0 (0 = data.batch_size), got {self.eval_batch_size}")
 
 
 @dataclass
@@ -209,17 +215,61 @@ class RunConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """The whole pretraining job; saved as run.dir/config.yaml."""
+class JobConfig:
+    """The sections every training job has (what the Trainer reads); saved as run.dir/config.yaml."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class PretrainConfig(JobConfig):
+    """The whole pretraining job: the shared sections with the pretraining data, plus the loss."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+C = TypeVar("C")
+
+
+def build_config(schema: type[C], config_file: str | os.PathLike | None = None,
+                 overrides: Iterable[str] | Mapping[str, Any] = (), resume_dir: str | os.PathLike | None = None,
+                 base: Mapping[str, Any] | None = None) -> C:
+    """The one builder of a job config: `schema`'s defaults, then `base` (a nested mapping, e.g. site
+    defaults), then `config_file` (YAML) or, with `resume_dir`, that run folder's config.yaml, then `overrides`
+    (key=value strings or a {dotted.key: value} mapping); with resume_dir, run.dir is that folder. Validated.
+
+    Refuses (ConfigError naming the file or key): unknown keys, bad values, a resume_dir without config.yaml.
+    """
+    data = to_dict(schema())
+    if base:
+        data = _deep_merge(data, base)
+    if resume_dir is not None:
+        config_file = Path(resume_dir) / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run folder written by a "
+                              f"PhilEO training job?")
+    if config_file is not None:
+        data = _deep_merge(data, read_yaml_mapping(config_file))
+    try:
+        cfg = from_dict(schema, data)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file or 'config'}: {e}") from None
+    cfg = apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, {"run.dir": str(resume_dir)}) if resume_dir is not None else cfg
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
 __all__ = ["ModelConfig", "LoaderConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
-           "CheckpointConfig", "RunConfig", "PretrainConfig", "Strategy", "Precision"]
+           "CheckpointConfig", "RunConfig", "JobConfig", "PretrainConfig", "build_config", "Strategy", "Precision"]

@@ -1,10 +1,17 @@
 """The training engine: one loop for every job (pretraining, fine-tuning), driven by a Task.
 
-    trainer = Trainer(cfg, task)      # cfg has sections train, optim, checkpoint, run, data (see config.py)
+The Trainer wires small components, each in its own module and tested alone: CheckpointManager (checkpoint.py:
+save, list, verify, load, retention), StopPolicy (stop.py: steps, early stop, signals, launch limit), Evaluator
+(evaluate.py: validation and test loops), MetricsLogger (metrics.py: log.txt, metrics.jsonl, TensorBoard) and the
+parallel Strategy (strategy.py: DDP or DeepSpeed ZeRO). A job is a Task (model, batches, loss, evaluation) plus
+its config (the recipe).
+
+    trainer = Trainer(cfg, task)      # cfg: a JobConfig (sections model, data, optim, train, checkpoint, run)
     result = trainer.fit()            # TrainResult(status="completed" | "preempted" | "failed", step, ...)
 
 What `fit()` does, in order:
- 1. returns at once if run.dir holds a DONE marker for at least train.steps;
+ 1. returns at once if run.dir holds a DONE marker for at least train.steps (or an early stop) and the task has
+    no test;
  2. sets up the run folder (config.yaml, env.json, log.txt, TensorBoard, deepspeed_config.json);
  3. seeds, builds the model (identical on every rank), wraps it (DDP or ZeRO), and resumes from the newest
     complete checkpoint by step number: weights, optimizer, scheduler, task state, each rank's RNG states and
@@ -17,14 +24,17 @@ What `fit()` does, in order:
  6. stops cleanly: at train.steps (DONE marker, status "completed"), when the task asks to stop early
     ("completed"), on a stop signal or after train.max_steps_per_launch steps (checkpoint, "preempted"), on a
     NaN/Inf loss or gradient norm ("failed", naming the step and the term; nothing is saved, so the newest
-    checkpoint is the last good one).
+    checkpoint is the last good one);
+ 7. after a completed run, a task with a test (Task.has_test) runs it once: its scalars are logged at the final
+    step and the task writes its outputs (on_complete). A run found DONE whose task has a test resumes from its
+    newest checkpoint to run the test (a crash after training but before the outputs); a stop signal during the
+    test ends the launch "preempted".
 An exception on one rank propagates; the other ranks then fail in their next collective (the peer is gone) or
 after train.dist_timeout_s, and under srun --kill-on-bad-exit / torchrun the job ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -39,12 +49,13 @@ from torch.utils.data import Dataset
 
 from phileo.config import save_config, to_dict
 from phileo.fsutil import atomic_write_json, make_group_readable
-from phileo.train import checkpoint as ckpt_io
 from phileo.train import dist
+from phileo.train.checkpoint import CheckpointManager, capture_rng_state, checkpoint_step, restore_rng_state
+from phileo.train.evaluate import EvaluationInterrupted, Evaluator
 from phileo.train.loader import build_loader, to_device
-from phileo.train.metrics import (MetricsWriter, host_record, memory_stats, peak_tflops, setup_logging,
-                                  teardown_logging, write_env_json)
-from phileo.train.signals import StopFlag
+from phileo.train.metrics import MetricsLogger, ThroughputWindow, host_record, peak_tflops, write_env_json
+from phileo.train.precision import autocast, resolve_precision
+from phileo.train.stop import Decision, StopPolicy
 from phileo.train.strategy import build_strategy
 
 log = logging.getLogger("phileo.train")
@@ -55,7 +66,8 @@ class TrainResult:
     """How fit() ended. status: "completed" (train.steps reached or early stop; DONE written), "preempted"
     (stopped with a checkpoint by a signal or train.max_steps_per_launch: run again to continue), "failed"
     (non-finite loss or gradient; `message` says where). step: the last optimizer step taken; final_loss: the
-    mean loss of that step over all ranks (None if no step was taken in this or an earlier launch)."""
+    mean loss of that step over all ranks (None if no step was taken in this or an earlier launch).
+    metrics: the task's test scalars when it has a test and it ran."""
 
     status: str
     step: int
@@ -63,6 +75,7 @@ class TrainResult:
     run_dir: Path
     message: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
 
 
 @dataclass
@@ -88,14 +101,16 @@ class Task:
     """What a job trains: subclass and override. The Trainer owns everything else.
 
     Required: build_model(), train_dataset(info) (called first), compute_loss(outputs, batch).
-    Optional hooks (defaults shown in the methods): forward(), evaluate(), should_stop(), images(),
-    train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint), on_save().
+    Optional hooks (defaults shown in the methods): forward(), evaluate(), should_stop(), test(), on_complete(),
+    images(), train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint).
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
     or "node" (the dataset already is this node's share; the node's local ranks split it).
+    `has_test`: the task has a final test (test() and on_complete() run once the run is complete).
     """
 
     split = "world"
     name = "task"  # a short name for logs and hparams
+    has_test = False
 
     def build_model(self) -> nn.Module:
         """The bare model, on CPU; called after train_dataset() and after seeding with train.seed on every rank
@@ -115,17 +130,24 @@ class Task:
         rank and step (they are all-reduced together)."""
         raise NotImplementedError
 
-    def evaluate(self, trainer: "Trainer", step: int) -> dict[str, float] | None:
+    def evaluate(self, evaluator: Evaluator, step: int) -> dict[str, float] | None:
         """Called on every rank every train.eval_every_steps; returns scalars to log (e.g. {"val/loss": ...}).
-
-        Run the model as `trainer.strategy.module` (under ZeRO-3 only the engine gathers the weights), under
-        torch.no_grad(), between trainer.model.eval() and trainer.model.train(); reduce metrics over ranks
-        (phileo.train.dist.all_reduce_) so every rank returns the same values and should_stop() agrees."""
+        Measure through `evaluator` (its loops reduce over ranks, so every rank returns the same values and
+        should_stop() agrees)."""
         return None
 
     def should_stop(self) -> bool:
         """Asked after evaluate(): True ends training early (e.g. early stopping on validation loss)."""
         return False
+
+    def test(self, evaluator: Evaluator, step: int) -> dict[str, float] | None:
+        """When has_test: called on every rank once the run is complete (step: its final step); returns scalars
+        to log at that step (e.g. {"test/rmse": ...}). evaluator.metrics(..., stoppable=True) lets a stop signal
+        end the launch."""
+        return None
+
+    def on_complete(self, run_dir: Path, result: TrainResult) -> None:
+        """When has_test: called on every rank after test()'s scalars are logged, to write the task's outputs."""
 
     def images(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{tag: CHW image in [0, 1]} to log every run.image_every_steps (global rank 0)."""
@@ -145,22 +167,22 @@ class Task:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def on_save(self, trainer: "Trainer", ckpt_dir: Path, step: int) -> None:
-        """Called on every rank after a checkpoint folder is complete (e.g. to remember the best one)."""
 
+@dataclass
+class StepOutput:
+    """One optimizer step, reduced over ranks."""
 
-def resolve_precision(precision: str, device: str) -> bool:
-    """True for bf16. "auto" means bf16 on a GPU that supports it, fp32 otherwise."""
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    loss: float
+    terms: dict[str, float]
+    lr: float
+    grad_norm: float | None
+    stop_requested: bool
+    kept: tuple[Any, Any] | None  # (outputs, batch) of the last micro-batch, for images
 
 
 class Trainer:
-    """Runs a Task under the job config `cfg` (sections train, optim, checkpoint, run, and data with batch_size,
-    num_workers, pin_memory, prefetch_factor). `info`: the distributed layout; None = init_distributed() from the
+    """Runs a Task under the job config `cfg` (a phileo.train.config.JobConfig: sections train, optim, checkpoint,
+    run, and data with the loader keys). `info`: the distributed layout; None = init_distributed() from the
     environment (a ZeRO strategy gets a process group even with one process).
 
     After fit(): `model` is the bare module, `strategy` the DDP/DeepSpeed wrapper, `step` the last step.
@@ -178,28 +200,103 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.device = torch.device(self.info.device)
         self.bf16 = resolve_precision(cfg.train.precision, self.info.device)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.info)
+        self.stop = StopPolicy.from_config(cfg)
+        self.metrics = MetricsLogger(self.run_dir, self.info.global_rank, cfg.run.tensorboard)
         self.model: nn.Module | None = None
         self.strategy: Any = None
+        self.evaluator: Evaluator | None = None
+        self.throughput: ThroughputWindow | None = None
         self.step = 0
-        self.stop_flag = StopFlag(list(cfg.train.stop_signals))
-        self.writer: MetricsWriter | None = None
         self.last_loss: float | None = None
         self.samples_consumed = 0
 
+    @property
+    def world_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.info.world_size
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU weights of the bare model (on every rank; collective under zero3, so call it on all ranks)."""
+        return self.strategy.full_state_dict()
+
+    # ------------------------------------------------------------------------------------------- the recipe
+    def fit(self) -> TrainResult:
+        """Trains to train.steps (resuming if the run folder has checkpoints); see the module docstring."""
+        done = self.checkpoints.done()
+        finished = self.stop.covered_by(done)
+        if finished and not self.task.has_test:
+            self.step = int(done["step"])
+            log.info("%s is already complete (DONE at step %d): nothing to do", self.run_dir, self.step)
+            return TrainResult("completed", self.step, done.get("final_loss"), self.run_dir,
+                               message="already complete", stopped_early=bool(done.get("stopped_early")))
+        self._setup_run_dir(done, finished)
+        with self.metrics:
+            try:
+                result = self._fit(done if finished else None)
+                return self._test(result) if result.status == "completed" and self.task.has_test else result
+            except Exception:
+                # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
+                log.exception("training failed on global rank %d at step %d", self.info.global_rank, self.step + 1)
+                raise
+            finally:
+                self.stop.restore()
+
+    def _fit(self, done: Mapping[str, Any] | None) -> TrainResult:
+        """Set-up, resume, then the loop; `done`: the DONE marker of a run that only needs its test."""
+        latest = self.checkpoints.latest()
+        if done is not None and latest is None:
+            raise FileNotFoundError(f"{self.run_dir} is marked DONE but has no checkpoint to test; delete "
+                                    f"{self.run_dir / 'DONE'} to train again")
+        # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
+        # (pretraining trains the auxiliary heads only when the shards carry their targets).
+        dataset = self.task.train_dataset(self.info)
+        flops = self._build_model()
+        rng_state = self._resume(latest)
+        loader = self._loader(dataset)
+        peak = self._describe_run(latest, flops)
+        if done is not None:
+            log.info("training is complete (DONE at step %d): running the test only", self.step)
+            return TrainResult("completed", self.step, self.last_loss, self.run_dir, message="already complete",
+                               stopped_early=bool(done.get("stopped_early")))
+        if self.step >= self.cfg.train.steps:
+            return self._finish(self.step, saved=True)
+        self.stop.install()  # before the loader forks its workers, so they inherit our handlers, not SIG_DFL
+        data_iter = iter(loader)
+        if rng_state is not None:
+            restore_rng_state(rng_state)  # last, so nothing above shifts the restored streams
+        try:
+            return self._loop(data_iter, flops, peak)
+        finally:
+            # Stop the workers now rather than whenever an exception's traceback lets go of the iterator.
+            shutdown = getattr(data_iter, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+
+    def _loop(self, data_iter: Iterator, flops: float | None, peak: float | None) -> TrainResult:
+        self.throughput = ThroughputWindow(self.world_batch, self.info.world_size, self.info.device, flops, peak)
+        while True:
+            out = self._train_step(data_iter)
+            if isinstance(out, TrainResult):
+                return out  # failed: nothing is saved
+            self._log_step(out)
+            decision = self.stop.after_step(self.step, out.stop_requested, self._evaluate())
+            if decision.save:
+                self.save_checkpoint(self.step)
+            if decision.stop:
+                return self._stop(decision)
+
     # ----------------------------------------------------------------------------------------------- set-up
-    def _setup_run_dir(self) -> None:
+    def _setup_run_dir(self, done: Mapping[str, Any] | None, finished: bool) -> None:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             make_group_readable(self.run_dir, directory=True)
-            for removed in ckpt_io.remove_stale_tmp(self.run_dir):
+            for removed in self.checkpoints.clean_stale():
                 log.info("deleted a half-written checkpoint from an earlier crash: %s", removed)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        if done is not None and not finished:
+            # train.steps was raised past a finished run: it is not finished any more until the new end.
+            self.checkpoints.clear_done()
         dist.barrier()
-
-    def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _seed_all(self, seed: int) -> None:
         import random
@@ -208,311 +305,235 @@ class Trainer:
         np.random.seed(seed % 2 ** 32)
         random.seed(seed)
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 CPU weights of the bare model (on every rank; collective under zero3, so call it on all ranks)."""
-        return self.strategy.full_state_dict()
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Writes the checkpoint of `step` on all ranks (collective) and returns its folder."""
-        final = ckpt_io.checkpoint_dir(self.run_dir, step)
-        tmp = ckpt_io.tmp_checkpoint_dir(self.run_dir, step)
-        t0 = time.perf_counter()
-        if self.info.is_main:
-            ckpt_io.prepare_tmp_dir(self.run_dir, step)
-        dist.barrier()
-        payload = {"step": step, "config": to_dict(self.cfg)}
-        self.strategy.save(tmp, payload)
-        ckpt_io.save_file({"rng": ckpt_io.capture_rng_state(), "samples_consumed": self.samples_consumed,
-                           "world_size": self.info.world_size, "step": step},
-                          ckpt_io.rank_state_path(tmp, self.info.global_rank))
-        if self.info.is_main:
-            ckpt_io.save_file({"step": step, "last_loss": self.last_loss, "task": self.task.state_dict(),
-                               "strategy": self.cfg.train.strategy, "world_size": self.info.world_size},
-                              tmp / "trainer.pt")
-        ckpt_io.fsync_tree(tmp)
-        dist.barrier()
-        if self.info.is_main:
-            ckpt_io.commit_tmp_dir(tmp, final)
-            for old in ckpt_io.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last):
-                log.info("deleted old checkpoint %s (checkpoint.keep_last=%d)", old.name,
-                         self.cfg.checkpoint.keep_last)
-        dist.barrier()
-        log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
-        self.task.on_save(self, final, step)
-        return final
-
-    def _resume(self, ckpt: Path) -> dict[str, Any] | None:
-        """Loads everything but the RNG states (returned, to restore just before the first step)."""
-        trainer_state = ckpt_io.load_file(ckpt / "trainer.pt", "trainer state")
-        if trainer_state.get("strategy") != self.cfg.train.strategy:
-            raise RuntimeError(
-                f"{ckpt} was written with train.strategy={trainer_state.get('strategy')} but this run uses "
-                f"train.strategy={self.cfg.train.strategy}; resume with the same strategy, or start a new run.dir")
-        self.strategy.load(ckpt)
-        self.task.load_state_dict(trainer_state.get("task", {}))
-        self.last_loss = trainer_state.get("last_loss")
-        step = int(trainer_state["step"])
-        rank_file = ckpt_io.rank_state_path(ckpt, self.info.global_rank)
-        if rank_file.is_file() and trainer_state.get("world_size") == self.info.world_size:
-            rank_state = ckpt_io.load_file(rank_file, "rank state")
-            self.samples_consumed = int(rank_state["samples_consumed"])
-            return rank_state["rng"]
-        # Another number of processes: the data order and RNG streams cannot continue exactly; go on from the
-        # equivalent position so no sample is favoured, and say so.
-        log.warning("resuming %s written by %s processes with %d: data order and random streams start afresh "
-                    "at step %d (training continues, but not bit-identical to an uninterrupted run)",
-                    ckpt.name, trainer_state.get("world_size"), self.info.world_size, step)
-        self.samples_consumed = step * self.cfg.train.grad_accum_steps * self.cfg.data.batch_size
-        self._seed_all(self.cfg.train.seed + 7919 * self.info.global_rank + step)
-        return None
-
-    # --------------------------------------------------------------------------------------------- the loop
-    def fit(self) -> TrainResult:
-        """Trains to train.steps (resuming if the run folder has checkpoints); see the module docstring."""
-        cfg = self.cfg
-        done = ckpt_io.read_done(self.run_dir)
-        if done is not None and (int(done.get("step", 0)) >= cfg.train.steps or done.get("stopped_early")):
-            self.step = int(done["step"])
-            log.info("%s is already complete (DONE at step %d): nothing to do", self.run_dir, self.step)
-            return TrainResult("completed", self.step, done.get("final_loss"), self.run_dir,
-                               message="already complete")
-        self._setup_run_dir()
-        if done is not None and self.info.is_main:
-            # train.steps was raised past a finished run: it is not finished any more until the new end.
-            (self.run_dir / ckpt_io.DONE).unlink(missing_ok=True)
-        handlers = setup_logging(self.run_dir, self.info.global_rank)
-        try:
-            return self._fit()
-        except Exception:
-            # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
-            log.exception("training failed on global rank %d at step %d", self.info.global_rank, self.step + 1)
-            raise
-        finally:
-            self.stop_flag.restore()
-            if self.writer is not None:
-                self.writer.close()
-            teardown_logging(handlers)
-
-    def _fit(self) -> TrainResult:
+    def _build_model(self) -> float | None:
+        """Seeds, builds the task's model (identical on every rank) and wraps it; returns its training FLOPs
+        per sample (global rank 0)."""
         cfg, info = self.cfg, self.info
-        latest = dist.broadcast_object(ckpt_io.latest_checkpoint(self.run_dir) if info.is_main else None)
-        start_step = ckpt_io.checkpoint_step(latest) if latest is not None else 0
-
-        # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
-        # (pretraining trains the auxiliary heads only when the shards carry their targets).
-        dataset = self.task.train_dataset(info)
         self._seed_all(cfg.train.seed)
         model = self.task.build_model()
         flops = self.task.train_flops_per_sample(model) if info.is_main else None
         model.to(self.device)
-        n_params = sum(p.numel() for p in model.parameters())
         self.strategy = build_strategy(model, info, cfg.train, cfg.optim, cfg.data.batch_size, self.bf16)
         self.model = self.strategy.model
         if info.is_main and self.strategy.ds_config is not None:
             atomic_write_json(self.run_dir / "deepspeed_config.json", self.strategy.ds_config)
+        self.evaluator = Evaluator(self.strategy, info, self.bf16,
+                                   batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                                   # evaluation sets are small or read once: few workers suffice
+                                   num_workers=min(cfg.data.num_workers, 2),
+                                   stop_signals=list(cfg.train.stop_signals), stop=self.stop.flag)
+        return flops
 
-        rng_state = None
-        if latest is not None:
-            rng_state = self._resume(Path(latest))
-        else:
-            # Ranks share the model init (seeded above) but not their dropout/augmentation streams.
+    def _resume(self, latest: Path | None) -> dict[str, Any] | None:
+        """Loads everything from `latest` but the RNG states (returned, to restore just before the first step)."""
+        cfg, info = self.cfg, self.info
+        if latest is None:
+            # Ranks share the model init (seeded before) but not their dropout/augmentation streams.
             self._seed_all(cfg.train.seed + 7919 * info.global_rank)
-        self.step = start_step
+            return None
+        resumed = self.checkpoints.load(latest, self.strategy, cfg.train.strategy)
+        self.task.load_state_dict(resumed.trainer.get("task", {}))
+        self.last_loss = resumed.trainer.get("last_loss")
+        self.step = checkpoint_step(latest)
+        self.stop.start(self.step)
+        if resumed.rank is not None:
+            self.samples_consumed = int(resumed.rank["samples_consumed"])
+            return resumed.rank["rng"]
+        # Another number of processes: the data order and RNG streams cannot continue exactly; go on from the
+        # equivalent position so no sample is favoured, and say so.
+        log.warning("resuming %s written by %s processes with %d: data order and random streams start afresh "
+                    "at step %d (training continues, but not bit-identical to an uninterrupted run)",
+                    latest.name, resumed.trainer.get("world_size"), info.world_size, resumed.step)
+        self.samples_consumed = resumed.step * cfg.train.grad_accum_steps * cfg.data.batch_size
+        self._seed_all(cfg.train.seed + 7919 * info.global_rank + resumed.step)
+        return None
 
-        loader, sampler = build_loader(
-            dataset, info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
-            start_sample=self.samples_consumed, split=self.task.split,
-            pin_memory=getattr(cfg.data, "pin_memory", True), prefetch_factor=getattr(cfg.data, "prefetch_factor", 2),
-            stop_signals=list(cfg.train.stop_signals))
+    def _loader(self, dataset: Dataset):
+        cfg = self.cfg
+        loader, _ = build_loader(
+            dataset, self.info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
+            start_sample=self.samples_consumed, split=self.task.split, pin_memory=cfg.data.pin_memory,
+            prefetch_factor=cfg.data.prefetch_factor, stop_signals=list(cfg.train.stop_signals))
+        return loader
 
+    def _describe_run(self, latest: Path | None, flops: float | None) -> float | None:
+        """env.json, the hparams record, the opening log lines; opens metrics.jsonl and TensorBoard. Returns the
+        peak TFLOP/s per device (None when unknown)."""
+        cfg, info = self.cfg, self.info
+        n_params = sum(p.numel() for p in self.model.parameters())
+        precision = "bf16" if self.bf16 else "fp32"
         hosts = dist.all_gather_object(host_record(info.device))
-        world_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * info.world_size
         peak = peak_tflops(info.device, self.bf16, cfg.run.peak_tflops_per_device)
         if info.is_main:
             write_env_json(self.run_dir, info, hosts, {
                 "model_parameters": n_params, "train_flops_per_sample": flops, "peak_tflops_per_device": peak,
-                "precision": "bf16" if self.bf16 else "fp32", "global_batch": world_batch,
+                "precision": precision, "global_batch": self.world_batch,
                 "resumed_from": str(latest) if latest else None})
-        self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.run.tensorboard, start_step)
-        self.writer.hparams({"strategy": cfg.train.strategy, "precision": "bf16" if self.bf16 else "fp32",
-                             "world_size": info.world_size, "num_nodes": info.num_nodes,
-                             "batch_size_per_process": cfg.data.batch_size, "global_batch": world_batch,
-                             "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
-                             "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
-                             "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
-                             "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name,
-                             **self.task.hparams()},
-                            ["loss/total"])
+        self.metrics.open_writers(self.step)
+        self.metrics.hparams(self._hparams(n_params), ["loss/total"])
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,
-                 info.source, cfg.train.strategy, info.device, "bf16" if self.bf16 else "fp32", n_params / 1e6,
-                 world_batch, cfg.data.batch_size, cfg.train.grad_accum_steps, info.world_size)
+                 info.source, cfg.train.strategy, info.device, precision, n_params / 1e6,
+                 self.world_batch, cfg.data.batch_size, cfg.train.grad_accum_steps, info.world_size)
         if latest is not None:
-            log.info("resuming from %s (step %d, %d samples consumed on rank 0)", latest, start_step,
+            log.info("resuming from %s (step %d, %d samples consumed on rank 0)", latest, self.step,
                      self.samples_consumed)
-        if start_step >= cfg.train.steps:
-            return self._finish(start_step, saved=True)
+        return peak
 
-        self.stop_flag.install()  # before the loader forks its workers, so they inherit our handlers, not SIG_DFL
-        data_iter = iter(loader)
-        if rng_state is not None:
-            ckpt_io.restore_rng_state(rng_state)  # last, so nothing above shifts the restored streams
-        try:
-            return self._loop(data_iter, start_step, flops, peak)
-        finally:
-            # Stop the workers now rather than whenever an exception's traceback lets go of the iterator.
-            shutdown = getattr(data_iter, "_shutdown_workers", None)
-            if callable(shutdown):
-                shutdown()
+    def _hparams(self, n_params: int) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        return {"strategy": cfg.train.strategy, "precision": "bf16" if self.bf16 else "fp32",
+                "world_size": info.world_size, "num_nodes": info.num_nodes,
+                "batch_size_per_process": cfg.data.batch_size, "global_batch": self.world_batch,
+                "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
+                "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
+                "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
+                "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name, **self.task.hparams()}
 
-    def _loop(self, data_iter: Iterator, start_step: int, flops: float | None, peak: float | None) -> TrainResult:
+    # --------------------------------------------------------------------------------------------- one step
+    def _train_step(self, data_iter: Iterator) -> StepOutput | TrainResult:
+        """Micro-batches, one all-reduce, the optimizer step; a failed TrainResult on a non-finite loss or norm."""
+        step_no = self.step + 1
+        t_step = time.perf_counter()
+        loss_sum, term_sums, kept, data_wait = self._accumulate(data_iter, step_no)
+        loss, terms, stop_requested, bad = self._reduce(loss_sum, term_sums)
+        if bad or not math.isfinite(loss):
+            names = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
+            return self._fail(step_no, f"non-finite loss at step {step_no}: term(s) {', '.join(names)} "
+                                       f"({', '.join(f'{k}={terms[k]}' for k in names if k in terms)})")
+        lr_used = self.strategy.lr  # the scheduler moves on inside optimizer_step; log what this step used
+        grad_norm = self.strategy.optimizer_step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return self._fail(step_no, f"non-finite gradient norm ({grad_norm}) at step {step_no} with a "
+                                       f"finite loss ({loss:.6g}): lower optim.lr, or check the inputs")
+        self.step = step_no
+        self.last_loss = loss
+        self.throughput.add(time.perf_counter() - t_step, data_wait)
+        return StepOutput(loss, terms, lr_used, grad_norm, stop_requested, kept)
+
+    def _accumulate(self, data_iter: Iterator, step_no: int):
+        """Forward and backward over train.grad_accum_steps micro-batches; returns (loss sum, term sums, the last
+        micro-batch's (outputs, batch) when images are due, seconds spent waiting for data)."""
         cfg, info, strategy = self.cfg, self.info, self.strategy
         gas = cfg.train.grad_accum_steps
-        batch_size = cfg.data.batch_size
-        term_names: list[str] | None = None
-        window = {"steps": 0, "time": 0.0, "data": 0.0}
-        last_saved = start_step
-        step = start_step
-        total = cfg.train.steps
-        while step < total:
-            step_no = step + 1
-            t_step = time.perf_counter()
-            data_wait = 0.0
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            term_sums: dict[str, torch.Tensor] = {}
-            want_images = (info.is_main and cfg.run.image_every_steps > 0
-                           and step_no % cfg.run.image_every_steps == 0)
-            kept: tuple[Any, Any] | None = None
-            for micro in range(gas):
-                last = micro == gas - 1
-                t_data = time.perf_counter()
-                batch = to_device(next(data_iter), self.device)
-                data_wait += time.perf_counter() - t_data
-                ctx = StepContext(step_no, micro, info.global_rank, cfg.train.seed, self.device)
-                with strategy.no_sync(last):
-                    with self._autocast():
-                        outputs = self.task.forward(strategy.module, batch, ctx)
-                        loss, terms = self.task.compute_loss(outputs, batch)
-                    strategy.backward(loss, last)
-                loss_sum += loss.detach().double()
-                for k, v in terms.items():
-                    term_sums[k] = term_sums.get(k, 0.0) + v.detach().double()
-                if want_images and last:
-                    kept = (outputs, batch)
-                del outputs, loss
-            self.samples_consumed += gas * batch_size
+        want_images = info.is_main and cfg.run.image_every_steps > 0 and step_no % cfg.run.image_every_steps == 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        term_sums: dict[str, Any] = {}
+        kept, data_wait = None, 0.0
+        for micro in range(gas):
+            last = micro == gas - 1
+            t_data = time.perf_counter()
+            batch = to_device(next(data_iter), self.device)
+            data_wait += time.perf_counter() - t_data
+            ctx = StepContext(step_no, micro, info.global_rank, cfg.train.seed, self.device)
+            with strategy.no_sync(last):
+                with autocast(self.device, self.bf16):
+                    outputs = self.task.forward(strategy.module, batch, ctx)
+                    loss, terms = self.task.compute_loss(outputs, batch)
+                strategy.backward(loss, last)
+            loss_sum += loss.detach().double()
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.detach().double()
+            if want_images and last:
+                kept = (outputs, batch)
+            del outputs, loss
+        self.samples_consumed += gas * cfg.data.batch_size
+        return loss_sum, term_sums, kept, data_wait
 
-            # One collective per step: losses for the log, "something is not finite", "a stop signal came".
-            if term_names is None:
-                term_names = sorted(term_sums)
-            vec = torch.stack([loss_sum] + [torch.as_tensor(term_sums[k], dtype=torch.float64, device=self.device)
-                                            for k in term_names]
-                              + [torch.tensor(float(self.stop_flag.requested), dtype=torch.float64,
-                                              device=self.device)])
-            bad_local = (~torch.isfinite(vec[:-1])).any().double().view(1)
-            vec = torch.cat([vec, bad_local])
-            # NaN + anything is NaN, so non-finite values also travel in the sums; the flag says *where*.
-            dist.all_reduce_(vec, "sum")
-            reduced = vec.cpu().tolist()
-            mean_loss = reduced[0] / (gas * info.world_size)
-            term_means = {k: reduced[1 + i] / (gas * info.world_size) for i, k in enumerate(term_names)}
-            stop_requested = reduced[-2] > 0
-            if reduced[-1] > 0 or not math.isfinite(mean_loss):
-                bad = [k for k, v in term_means.items() if not math.isfinite(v)] or ["total"]
-                return self._fail(step_no, f"non-finite loss at step {step_no}: term(s) {', '.join(bad)} "
-                                           f"({', '.join(f'{k}={term_means[k]}' for k in bad if k in term_means)})")
+    def _reduce(self, loss_sum: torch.Tensor, term_sums: dict[str, Any]) -> tuple[float, dict[str, float], bool, bool]:
+        """One collective per step: the losses for the log, "something is not finite", "a stop signal came".
+        Returns (mean loss, mean terms, stop requested on any rank, non-finite on any rank)."""
+        names = sorted(term_sums)
+        vec = torch.stack([loss_sum] + [torch.as_tensor(term_sums[k], dtype=torch.float64, device=self.device)
+                                        for k in names]
+                          + [torch.tensor(float(self.stop.flag.requested), dtype=torch.float64, device=self.device)])
+        bad_local = (~torch.isfinite(vec[:-1])).any().double().view(1)
+        vec = torch.cat([vec, bad_local])
+        # NaN + anything is NaN, so non-finite values also travel in the sums; the flag says *where*.
+        dist.all_reduce_(vec, "sum")
+        reduced = vec.cpu().tolist()
+        n = self.cfg.train.grad_accum_steps * self.info.world_size
+        terms = {k: reduced[1 + i] / n for i, k in enumerate(names)}
+        return reduced[0] / n, terms, reduced[-2] > 0, reduced[-1] > 0
 
-            lr_used = strategy.lr  # the scheduler moves on inside optimizer_step; log what this step used
-            grad_norm = strategy.optimizer_step()
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                return self._fail(step_no, f"non-finite gradient norm ({grad_norm}) at step {step_no} with a "
-                                           f"finite loss ({mean_loss:.6g}): lower optim.lr, or check the inputs")
-            step = self.step = step_no
-            self.last_loss = mean_loss
-            step_time = time.perf_counter() - t_step
-            window["steps"] += 1
-            window["time"] += step_time
-            window["data"] += data_wait
+    def _log_step(self, out: StepOutput) -> None:
+        step = self.step
+        if step % self.cfg.run.log_every_steps == 0 or step == self.cfg.train.steps or out.stop_requested:
+            self.metrics.log_step(step, self.cfg.train.steps, {
+                "loss/total": out.loss, **{f"loss/{k}": v for k, v in out.terms.items()},
+                "lr": out.lr, "grad_norm": out.grad_norm,  # None: not logged
+                **self.throughput.scalars()})
+        if out.kept is not None:
+            with torch.no_grad():
+                self.metrics.images(step, self.task.images(*out.kept))
 
-            if step % cfg.run.log_every_steps == 0 or step == total or stop_requested:
-                self._log_step(step, mean_loss, term_means, lr_used, grad_norm, window, flops, peak)
-                window = {"steps": 0, "time": 0.0, "data": 0.0}
-            if kept is not None:
-                with torch.no_grad():
-                    self.writer.images(step, self.task.images(*kept))
-                kept = None
+    def _evaluate(self) -> bool:
+        """The task's evaluation when due; returns whether the task asks to stop (agreed by all ranks)."""
+        every = self.cfg.train.eval_every_steps
+        if not every or self.step % every:
+            return False
+        self.metrics.log_eval(self.step, self.task.evaluate(self.evaluator, self.step))
+        flag = torch.tensor(float(self.task.should_stop()), device=self.device)
+        return dist.all_reduce_(flag, "max").item() > 0
 
-            stop_early = False
-            if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0:
-                metrics = self.task.evaluate(self, step)
-                if metrics:
-                    self.writer.scalars(step, metrics)
-                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
-                flag = torch.tensor(float(self.task.should_stop()), device=self.device)
-                stop_early = dist.all_reduce_(flag, "max").item() > 0
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Writes the checkpoint of `step` on all ranks (collective) and returns its folder."""
+        t0 = time.perf_counter()
+        final = self.checkpoints.save(
+            step, self.strategy, payload={"step": step, "config": to_dict(self.cfg)},
+            trainer_state={"step": step, "last_loss": self.last_loss, "task": self.task.state_dict(),
+                           "strategy": self.cfg.train.strategy, "world_size": self.info.world_size},
+            rank_state={"rng": capture_rng_state(), "samples_consumed": self.samples_consumed,
+                        "world_size": self.info.world_size, "step": step})
+        log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+        return final
 
-            launch_limit = (cfg.train.max_steps_per_launch > 0
-                            and step - start_step >= cfg.train.max_steps_per_launch and step < total)
-            if step % cfg.checkpoint.every_steps == 0 or step == total or stop_requested or launch_limit or stop_early:
-                self.save_checkpoint(step)
-                last_saved = step
-            if stop_early:
-                log.info("the task asked to stop early at step %d", step)
-                return self._finish(step, saved=True, stopped_early=True)
-            if (stop_requested and step < total) or launch_limit:
-                why = (f"stop signal {self.stop_flag.signal_name or '(on another rank)'}" if stop_requested
-                       else f"train.max_steps_per_launch={cfg.train.max_steps_per_launch}")
-                log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", step, total, why)
-                self.writer.flush()
-                return TrainResult("preempted", step, self.last_loss, self.run_dir, message=why)
-        return self._finish(step, saved=last_saved == step)
+    # ------------------------------------------------------------------------------------------- endings
+    def _stop(self, decision: Decision) -> TrainResult:
+        if decision.status == "completed":
+            if decision.stopped_early:
+                log.info("the task asked to stop early at step %d", self.step)
+            return self._finish(self.step, saved=True, stopped_early=decision.stopped_early)
+        log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", self.step,
+                 self.cfg.train.steps, decision.why)
+        self.metrics.flush()
+        return TrainResult("preempted", self.step, self.last_loss, self.run_dir, message=decision.why)
 
     def _finish(self, step: int, saved: bool, stopped_early: bool = False) -> TrainResult:
         if not saved:
             self.save_checkpoint(step)
-        if self.info.is_main:
-            ckpt_io.write_done(self.run_dir, step, self.last_loss, stopped_early=stopped_early)
+        self.checkpoints.mark_done(step, self.last_loss, stopped_early=stopped_early)
         dist.barrier()
         log.info("training complete at step %d (final loss %s)", step,
                  f"{self.last_loss:.6g}" if self.last_loss is not None else "n/a")
         return TrainResult("completed", step, self.last_loss, self.run_dir,
-                           message="stopped early" if stopped_early else "")
+                           message="stopped early" if stopped_early else "", stopped_early=stopped_early)
 
     def _fail(self, step: int, message: str) -> TrainResult:
-        latest = ckpt_io.latest_checkpoint(self.run_dir)
+        found = self.checkpoints.list()
         message = (f"{message}. Training stopped without saving; the newest checkpoint "
-                   f"({latest.name if latest else 'none'}) is the last good state.")
+                   f"({found[-1][1].name if found else 'none'}) is the last good state.")
         log.error(message)
-        if self.writer is not None:
-            self.writer.flush()
+        self.metrics.flush()
         dist.barrier()
         return TrainResult("failed", step, self.last_loss, self.run_dir, message=message)
 
-    def _log_step(self, step: int, loss: float, terms: dict[str, float], lr: float, grad_norm: float | None,
-                  window: dict,
-                  flops: float | None, peak: float | None) -> None:
-        info, cfg = self.info, self.cfg
-        steps, secs = max(window["steps"], 1), max(window["time"], 1e-9)
-        world_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * info.world_size
-        samples_per_s = world_batch * steps / secs
-        per_gpu = samples_per_s / info.world_size
-        scalars: dict[str, float] = {"loss/total": loss, **{f"loss/{k}": v for k, v in terms.items()},
-                                     "lr": lr, "grad_norm": grad_norm,  # None: not logged
-                                     "perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_gpu": per_gpu,
-                                     "perf/step_time_s": secs / steps, "perf/data_wait_s": window["data"] / steps,
-                                     "perf/data_wait_frac": window["data"] / secs}
-        if flops and peak:
-            scalars["perf/mfu"] = flops * per_gpu / (peak * 1e12)
-        scalars.update(memory_stats(info.device))
-        if info.is_main:
-            self.writer.scalars(step, scalars)
-            mem = scalars.get("mem/gpu_max_allocated_gib", scalars["mem/host_rss_peak_gib"])
-            log.info("step %d/%d | loss %.6g | lr %.3g | grad_norm %s | %.1f samples/s (%.1f per process) | "
-                     "data wait %.0f%% | mem %.2f GiB%s", step, cfg.train.steps, loss, scalars["lr"],
-                     "n/a" if grad_norm is None else f"{grad_norm:.3g}",
-                     samples_per_s, per_gpu, 100 * scalars["perf/data_wait_frac"], mem,
-                     f" | MFU {100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars else "")
+    def _test(self, result: TrainResult) -> TrainResult:
+        """The task's test after a completed run: scalars logged at the final step, then its outputs."""
+        self.stop.install()  # a signal during a long test ends the launch cleanly
+        try:
+            scalars = self.task.test(self.evaluator, result.step) or {}
+        except EvaluationInterrupted as e:
+            log.info("stop signal during the test evaluation: run again to evaluate (training is complete)")
+            return TrainResult("preempted", result.step, result.final_loss, self.run_dir, message=str(e),
+                               stopped_early=result.stopped_early)
+        self.metrics.log_eval(result.step, scalars)
+        self.metrics.flush()
+        result.metrics = dict(scalars)
+        self.task.on_complete(self.run_dir, result)
+        dist.barrier()
+        return result
 
 
-__all__ = ["Trainer", "Task", "TrainResult", "StepContext", "resolve_precision"]
+__all__ = ["Trainer", "Task", "TrainResult", "StepContext", "StepOutput", "resolve_precision"]

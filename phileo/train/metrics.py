@@ -4,7 +4,8 @@ TensorBoard tags are grouped by prefix: `loss/total` and `loss/<term>`, `lr`, `g
 `perf/samples_per_s`, `perf/samples_per_s_per_gpu`, `perf/mfu`, `perf/step_time_s`, `perf/data_wait_s`,
 `perf/data_wait_frac`, `mem/...`; tasks add `val/...`, `test/...`, and images under `images/...`.
 metrics.jsonl holds the same scalars, one JSON object per logged step, at full precision (a resumed run appends;
-when a step appears twice, the later line is the one that counts). Files are group-readable (shared scratch).
+when a step appears twice, the later line is the one that counts, and an evaluation's line repeats the training
+scalars of its step so that it holds them all). Files are group-readable (shared scratch).
 """
 
 from __future__ import annotations
@@ -98,21 +99,75 @@ def teardown_logging(handlers: list[logging.Handler]) -> None:
         h.close()
 
 
-class MetricsWriter:
-    """Scalars, images and hparams for one run: TensorBoard + metrics.jsonl on global rank 0, nothing elsewhere.
+class ThroughputWindow:
+    """Step times and data waits since the last logged step, turned into the perf/ and mem/ scalars."""
+
+    def __init__(self, world_batch: int, world_size: int, device: str, flops_per_sample: float | None,
+                 peak_tflops_per_device: float | None):
+        self.world_batch, self.world_size, self.device = world_batch, world_size, device
+        self.flops, self.peak = flops_per_sample, peak_tflops_per_device
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.time_s, self.data_s = 0, 0.0, 0.0
+
+    def add(self, step_time_s: float, data_wait_s: float) -> None:
+        self.steps += 1
+        self.time_s += step_time_s
+        self.data_s += data_wait_s
+
+    def scalars(self) -> dict[str, float]:
+        """Throughput, step time, data wait, MFU (when the FLOPs and the peak are known) and peak memory of the
+        window; starts a new window."""
+        steps, secs = max(self.steps, 1), max(self.time_s, 1e-9)
+        samples_per_s = self.world_batch * steps / secs
+        per_gpu = samples_per_s / self.world_size
+        out = {"perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_gpu": per_gpu,
+               "perf/step_time_s": secs / steps, "perf/data_wait_s": self.data_s / steps,
+               "perf/data_wait_frac": self.data_s / secs}
+        if self.flops and self.peak:
+            out["perf/mfu"] = self.flops * per_gpu / (self.peak * 1e12)
+        out.update(memory_stats(self.device))
+        self.reset()
+        return out
+
+
+class MetricsLogger:
+    """Everything a run writes for its user, in one place: log.txt (through the "phileo.train" logger),
+    metrics.jsonl and TensorBoard, all on global rank 0 (other ranks log warnings to stderr and write nothing).
+
+        with MetricsLogger(run_dir, global_rank, tensorboard=True) as metrics:   # opens log.txt
+            metrics.open_writers(start_step)    # metrics.jsonl + TensorBoard, once the resume step is known
+            metrics.log_step(step, total, {"loss/total": ..., "lr": ..., ...})
 
     start_step: the step the run resumes after; TensorBoard discards events of later steps left by the
     interrupted launch (purge_step) so curves never fold back on themselves.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, start_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, run_dir: str | os.PathLike, global_rank: int, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
+        self.global_rank = global_rank
+        self.enabled = global_rank == 0
+        self.tensorboard = tensorboard
         self.tb = None
         self._jsonl = None
-        if not enabled:
+        self._last_line: tuple[int, dict[str, float]] = (-1, {})  # (step, scalars) of the newest jsonl line
+        self._handlers: list[logging.Handler] = []
+
+    def __enter__(self) -> "MetricsLogger":
+        self._handlers = setup_logging(self.run_dir, self.global_rank)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        teardown_logging(self._handlers)
+        self._handlers = []
+
+    def open_writers(self, start_step: int = 0) -> None:
+        """Opens metrics.jsonl (appended) and the TensorBoard writer (global rank 0)."""
+        if not self.enabled or self._jsonl is not None:
             return
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             tb_dir = self.run_dir / "tensorboard"
@@ -123,15 +178,52 @@ class MetricsWriter:
         self._jsonl = open(path, "a", encoding="utf-8")
         make_group_readable(path)
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        if not self.enabled:
+    def scalars(self, step: int, values: Mapping[str, float | None], merge: bool = False) -> None:
+        """Logs `values` (None values are skipped) at `step`. merge=True: more scalars for a step already
+        logged; metrics.jsonl keeps the later line of a step logged twice, so the line written repeats the
+        earlier scalars of that step, while TensorBoard gets only the new tags."""
+        if not self.enabled or self._jsonl is None:
             return
         clean = {k: float(v) for k, v in values.items() if v is not None}
         if self.tb is not None:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        line = clean
+        if merge:
+            last_step, last = self._last_line
+            if last_step == step:
+                earlier = last
+            elif last_step < 0:  # nothing written by this launch yet: the step may be in an earlier one's lines
+                earlier = {k: v for k, v in read_metrics(self.run_dir).get(step, {}).items() if k != "time"}
+            else:  # not logged by this launch; a line an earlier launch wrote for it is stale
+                earlier = {}
+            line = {**earlier, **clean}
+        self._last_line = (step, line)
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **line}) + "\n")
         self._jsonl.flush()
+
+    def log_step(self, step: int, total_steps: int, values: Mapping[str, float | None]) -> None:
+        """The training scalars of one step (loss/total, lr, grad_norm, perf/..., mem/...) to metrics.jsonl,
+        TensorBoard and one line of log.txt."""
+        self.scalars(step, values)
+        if not self.enabled:
+            return
+        grad_norm = values.get("grad_norm")
+        mem = values.get("mem/gpu_max_allocated_gib", values["mem/host_rss_peak_gib"])
+        log.info("step %d/%d | loss %.6g | lr %.3g | grad_norm %s | %.1f samples/s (%.1f per process) | "
+                 "data wait %.0f%% | mem %.2f GiB%s", step, total_steps, values["loss/total"], values["lr"],
+                 "n/a" if grad_norm is None else f"{grad_norm:.3g}",
+                 values["perf/samples_per_s"], values["perf/samples_per_s_per_gpu"],
+                 100 * values["perf/data_wait_frac"], mem,
+                 f" | MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else "")
+
+    def log_eval(self, step: int, values: Mapping[str, float] | None) -> None:
+        """Evaluation scalars (val/..., test/...) of a step to metrics.jsonl (merged with the step's training
+        scalars, see scalars()), TensorBoard and one line of log.txt."""
+        if not values:
+            return
+        self.scalars(step, values, merge=True)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in values.items()))
 
     def images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
         """CHW float images in [0, 1] (grids), under their tags (images/...)."""
@@ -160,6 +252,7 @@ class MetricsWriter:
                 make_group_readable(f)
 
     def close(self) -> None:
+        """Closes metrics.jsonl and TensorBoard (log.txt stays open until the `with` block ends)."""
         if self.tb is not None:
             self.flush()
             self.tb.close()
@@ -234,4 +327,4 @@ def write_env_json(run_dir: Path, info: Any, ranks: list[dict[str, Any]], extra:
 
 
 __all__ = ["PEAK_BF16_TFLOPS", "peak_tflops", "memory_stats", "setup_logging", "teardown_logging",
-           "MetricsWriter", "read_metrics", "host_record", "write_env_json"]
+           "ThroughputWindow", "MetricsLogger", "read_metrics", "host_record", "write_env_json"]

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from phileo.config import ConfigError, apply_overrides, load_config
+from phileo.config import ConfigError
 from phileo.train.cli import add_config_args, run_config_job
-from phileo.train.config import PretrainConfig
+from phileo.train.config import PretrainConfig, build_config
 from phileo.train.dist import DistInfo
 from phileo.train.engine import StepContext, Task, Trainer, TrainResult
 from phileo.train.loss import FoundationLoss, make_views
@@ -142,20 +142,6 @@ def run_pretraining(cfg: PretrainConfig, info: DistInfo | None = None) -> TrainR
     return Trainer(cfg, FoundationTask(cfg), info).fit()
 
 
-def build_config(config_path: str | None, resume_dir: str | None, overrides: Sequence[str]) -> PretrainConfig:
-    """The job config from a YAML file (or a run folder's config.yaml with --resume, or the defaults) plus
-    key=value overrides; --resume also pins run.dir to that folder."""
-    if resume_dir:
-        path = Path(resume_dir) / "config.yaml"
-        if not path.is_file():
-            raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run folder written by "
-                              f"phileo.train.pretrain?")
-        return load_config(PretrainConfig, path, [*overrides, f"run.dir={resume_dir}"])
-    if config_path:
-        return load_config(PretrainConfig, config_path, overrides)
-    return apply_overrides(PretrainConfig(), overrides)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phileo.train.pretrain",
@@ -166,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its config.yaml")
     args = parser.parse_args(argv)
     return run_config_job(
-        lambda: build_config(args.config, args.resume, args.overrides), run_pretraining, args.print_config,
+        lambda: build_config(PretrainConfig, args.config, args.overrides, resume_dir=args.resume), run_pretraining,
+        args.print_config,
         summary=lambda r: (f"{r.status} at step {r.step} (final loss {r.final_loss}) in {r.run_dir}"
                            + (f": {r.message}" if r.message else "")))
 

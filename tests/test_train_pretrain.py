@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from phileo import exit_codes
 import torch
 
 from phileo.config import apply_overrides, save_config
@@ -71,7 +73,7 @@ def _launch(args: list[str], world: int = 2, logs: Path | None = None) -> list[s
     return procs
 
 
-def _wait(procs: list[subprocess.Popen], timeout_s: float, logs: Path) -> None:
+def _wait(procs: list[subprocess.Popen], timeout_s: float, logs: Path, codes: list[int] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     try:
         for p in procs:
@@ -80,8 +82,8 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float, logs: Path) -> None:
         for p in procs:
             p.kill()
         raise AssertionError(f"ranks did not finish in {timeout_s} s:\n" + _tail(logs))
-    if any(p.returncode != 0 for p in procs):
-        raise AssertionError(f"rank exit codes {[p.returncode for p in procs]}:\n" + _tail(logs))
+    if [p.returncode for p in procs] != (codes or [0] * len(procs)):
+        raise AssertionError(f"rank exit codes {[p.returncode for p in procs]}, expected {codes}:\n" + _tail(logs))
 
 
 def _tail(logs: Path) -> str:
@@ -247,7 +249,8 @@ def test_pretraining_loss_decreases(tmp_path, shards, model_name):
 @pytest.mark.slow
 def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp_path, shards, strategy_runs):
     """The CLI under a 2-process launch: SIGUSR2 to rank 1 only (its whole process group, DataLoader worker
-    included, as SLURM signals) → both ranks agree, save, exit 0 without DONE; the relaunch finishes with the
+    included, as SLURM signals) → both ranks agree, save, and exit without DONE (rank 0 with PREEMPTED, 75, the
+    other with 0: phileo.exit_codes.on_this_rank); the relaunch finishes with the
     losses of the uninterrupted ddp run (which read its data without workers: same data, same order); a third
     launch finds it DONE and changes nothing."""
     run = tmp_path / "signalled"
@@ -262,7 +265,7 @@ def test_stop_signal_on_one_rank_checkpoints_all_and_the_job_resumes_exactly(tmp
         time.sleep(0.05)
     assert read_metrics(run), "no step was logged:\n" + _tail(logs)
     os.killpg(os.getpgid(procs[1].pid), signal.SIGUSR2)
-    _wait(procs, 300, logs)
+    _wait(procs, 300, logs, codes=[exit_codes.PREEMPTED, exit_codes.OK])
     stopped = ckpt_io.latest_checkpoint(run)
     assert stopped is not None and ckpt_io.checkpoint_step(stopped) < STEPS, _tail(logs)
     assert not (run / "DONE").exists()

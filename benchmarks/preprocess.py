@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from phileo.data.convert import ConvertConfig, convert  # noqa: E402
+from phileo.data.convert import convert  # noqa: E402
+from phileo.data.plan import ConvertConfig  # noqa: E402
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CLOUD_MASK, PHILEO_BANDS, MajorTOMSource, decode_geotiff  # noqa: E402
 from phileo.data.synthetic import write_majortom_parquet, write_majortom_tree  # noqa: E402
 
@@ -69,7 +70,8 @@ def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
     """CPU ms per cell of the converter's steps beyond the floor, each timed alone on the same cells."""
     import h5py
 
-    from phileo.data import convert as conv
+    from phileo.data import chunk_format as fmt
+    from phileo.data.convert import create_pixel_datasets
 
     src = MajorTOMSource(source, use_metadata=False)
     refs, seen = [], set()
@@ -96,27 +98,24 @@ def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
     path = work / "breakdown.h5"
 
     def write():
-        flt = conv._h5_filter(cfg.compression)
+        # The converter's own datasets (tiles, filters), so the figure follows any change of the format.
         with h5py.File(path, "w") as f:
-            t = conv.H5_TILE_10M
-            d10 = f.create_dataset("a", (len(cells), 4, 1068, 1068), np.uint16, chunks=(1, 4, t, t), **flt)
-            d20 = f.create_dataset("b", (len(cells), 6, 534, 534), np.uint16, chunks=(1, 6, t, t), **flt)
-            dm = f.create_dataset("m", (len(cells), 1068, 1068), np.uint8, chunks=(1, 178, 178), **flt)
+            ds = create_pixel_datasets(f, len(cells), stored, cfg.compression)
             for i, c in enumerate(cells):
-                d10[i], d20[i], dm[i] = b10[i], b20[i], c.cloud_mask
+                ds[fmt.BANDS[10]][i], ds[fmt.BANDS[20]][i], ds[fmt.CLOUD_MASK][i] = b10[i], b20[i], c.cloud_mask
 
     timed(f"HDF5 write ({cfg.compression})", write)
-    timed(f"{conv.CHECKSUM_ALGORITHM} of the chunk file", lambda: conv.file_checksum(path))
+    timed(f"{fmt.CHECKSUM_ALGORITHM} of the chunk file", lambda: fmt.file_checksum(path))
 
     def checks():
         for i, c in enumerate(cells):
-            count = conv.nodata_count_20m(b10[i], b20[i])
-            conv.valid_offsets_map(count, 128, 0.1)
+            count = fmt.nodata_count_20m(b10[i], b20[i])
+            fmt.valid_offsets_map(count, 128, 0.1)
             [np.count_nonzero(c.cloud_mask == k) for k in range(4)]
             for band in b10[i]:
-                np.bincount(band[::conv.STATS_ROW_STRIDE_10M].ravel(), minlength=65536)
+                np.bincount(band[::fmt.STATS_ROW_STRIDE_10M].ravel(), minlength=fmt.HISTOGRAM_BINS)
             for band in b20[i]:
-                np.bincount(band[::conv.STATS_ROW_STRIDE_20M].ravel(), minlength=65536)
+                np.bincount(band[::fmt.STATS_ROW_STRIDE_20M].ravel(), minlength=fmt.HISTOGRAM_BINS)
 
     timed("no-data, validity, cloud fractions, histograms", checks)
     path.unlink()

@@ -46,7 +46,8 @@ def tree_source(tmp_path_factory) -> Path:
 
 def converted(tmp_path_factory, layout: str = "parquet") -> Path:
     """parquet_source/tree_source converted with 2 cells per chunk, assignment for 2 nodes."""
-    from phileo.data.convert import ConvertConfig, convert
+    from phileo.data.convert import convert
+    from phileo.data.plan import ConvertConfig
 
     key = f"converted-{layout}"
     if key not in _cache:

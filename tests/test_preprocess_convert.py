@@ -1,6 +1,6 @@
-"""The converter: chunk contents, manifest, faults, duplicates, resume after a kill, array tasks + merge, CLI."""
+"""The converter (plan, convert, merge, CLI): chunk contents, manifest, faults, duplicates, resume after a kill,
+array tasks + merge. The chunk format's own rules and names: test_data_chunk_format.py."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 
 from _preprocess_fixtures import FAULTS, GOOD, N_CELLS, SEED, converted, parquet_source, source_cells
-from phileo.data import assign_chunks, load_manifest
+from phileo.data import assign_chunks, chunk_format as fmt, cli, load_manifest
 from phileo.data import convert as conv
-from phileo.data.convert import ConvertConfig, convert, convert_task, merge
+from phileo.data.convert import convert, convert_task
+from phileo.data.manifest import verify_chunks
+from phileo.data.merge import merge
+from phileo.data.plan import ConvertConfig
 from phileo.data.majortom import BANDS_10M, BANDS_20M, PHILEO_BANDS
 from phileo.data.synthetic import cell_spec
 
@@ -32,7 +35,7 @@ def _cells_in(out: Path) -> dict[tuple[str, str], tuple[str, int]]:
     found = {}
     for c in m.chunks:
         with h5py.File(m.chunk_path(c), "r") as f:
-            for row, (gc, pid) in enumerate(zip(f["cells/grid_cell"].asstr()[...], f["cells/product_id"].asstr()[...])):
+            for row, (gc, pid) in enumerate(zip(f[fmt.GRID_CELL].asstr()[...], f[fmt.PRODUCT_ID].asstr()[...])):
                 assert (gc, pid) not in found, f"{gc} written twice"
                 found[(gc, pid)] = (c.path, row)
     return found
@@ -67,9 +70,9 @@ def test_both_layouts_convert_to_identical_pixels(tmp_path_factory):
     for key in ca:
         with h5py.File(a / ca[key][0], "r") as fa, h5py.File(b / cb[key][0], "r") as fb:
             ra, rb = ca[key][1], cb[key][1]
-            for name in ("bands_10m", "bands_20m", "cloud_mask", "nodata_count_20m"):
+            for name in (fmt.BANDS[10], fmt.BANDS[20], fmt.CLOUD_MASK, fmt.NODATA_COUNT_20M):
                 np.testing.assert_array_equal(fa[name][ra], fb[name][rb])
-            np.testing.assert_array_equal(fa["cells/geotransform"][ra], fb["cells/geotransform"][rb])
+            np.testing.assert_array_equal(fa[fmt.GEOTRANSFORM][ra], fb[fmt.GEOTRANSFORM][rb])
 
 
 def test_chunks_hold_the_source_cells_at_native_resolution(tmp_path_factory):
@@ -78,23 +81,22 @@ def test_chunks_hold_the_source_cells_at_native_resolution(tmp_path_factory):
     for key, (path, row) in _cells_in(out).items():
         cell = cells[key]
         with h5py.File(out / path, "r") as f:
-            assert f["bands_10m"].shape[1:] == (4, 1068, 1068) and f["bands_10m"].dtype == np.uint16
-            assert f["bands_20m"].shape[1:] == (6, 534, 534)
-            np.testing.assert_array_equal(f["bands_10m"][row], np.stack([cell.bands[b] for b in BANDS_10M]))
-            np.testing.assert_array_equal(f["bands_20m"][row], np.stack([cell.bands[b] for b in BANDS_20M]))
-            np.testing.assert_array_equal(f["cloud_mask"][row], cell.cloud_mask)
-            c = f["cells"]
-            assert c["crs"].asstr()[row] == cell.crs and c["timestamp"].asstr()[row] == cell.timestamp
-            assert tuple(c["geotransform"][row]) == cell.transform
+            assert f[fmt.BANDS[10]].shape[1:] == (4, 1068, 1068) and f[fmt.BANDS[10]].dtype == np.uint16
+            assert f[fmt.BANDS[20]].shape[1:] == (6, 534, 534)
+            np.testing.assert_array_equal(f[fmt.BANDS[10]][row], np.stack([cell.bands[b] for b in BANDS_10M]))
+            np.testing.assert_array_equal(f[fmt.BANDS[20]][row], np.stack([cell.bands[b] for b in BANDS_20M]))
+            np.testing.assert_array_equal(f[fmt.CLOUD_MASK][row], cell.cloud_mask)
+            assert f[fmt.CRS].asstr()[row] == cell.crs and f[fmt.TIMESTAMP].asstr()[row] == cell.timestamp
+            assert tuple(f[fmt.GEOTRANSFORM][row]) == cell.transform
             # No-data: a 10 m pixel that is 0 in any band (20 m bands counted over their 2x2 footprint).
             nd10 = np.stack([cell.bands[b] == 0 for b in BANDS_10M]).any(0)
             nd20 = np.stack([cell.bands[b] == 0 for b in BANDS_20M]).any(0).repeat(2, 0).repeat(2, 1)
             expected = (nd10 | nd20).mean()
-            assert c["nodata_fraction"][row] == pytest.approx(expected, abs=1e-6)
-            assert f["nodata_count_20m"][row].sum() / 1068**2 == pytest.approx(expected, abs=1e-6)
+            assert f[fmt.NODATA_FRACTION][row] == pytest.approx(expected, abs=1e-6)
+            assert f[fmt.NODATA_COUNT_20M][row].sum() / 1068**2 == pytest.approx(expected, abs=1e-6)
             frac = np.bincount(cell.cloud_mask.ravel(), minlength=4)[:4] / cell.cloud_mask.size
-            np.testing.assert_allclose(c["cloud_fraction"][row], frac, atol=1e-6)
-            assert f.attrs["schema_version"] == 1 and json.loads(f.attrs["bands_10m"]) == list(BANDS_10M)
+            np.testing.assert_allclose(f[fmt.CLOUD_FRACTION][row], frac, atol=1e-6)
+            assert f.attrs[fmt.ATTR_SCHEMA_VERSION] == 1 and json.loads(f.attrs[fmt.ATTR_BANDS[10]]) == list(BANDS_10M)
 
 
 def test_manifest_describes_chunks_nodes_and_statistics(tmp_path_factory):
@@ -167,7 +169,7 @@ def test_sigkilled_cli_run_leaves_only_complete_chunks_and_resumes(tmp_path_fact
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     for h5 in (out / "chunks").glob("chunk_*.h5"):
         with h5py.File(h5, "r") as f:  # every visible chunk is complete
-            assert "report" in f and f["cells/grid_cell"].shape[0] == f["bands_10m"].shape[0]
+            assert fmt.REPORT in f and f[fmt.GRID_CELL].shape[0] == f[fmt.BANDS[10]].shape[0]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert set(_cells_in(out)) == _good_keys()
@@ -251,47 +253,38 @@ def test_load_manifest_errors_name_the_file_and_the_fix(tmp_path, tmp_path_facto
 
 
 def test_array_task_index_comes_from_slurm_variables():
-    args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array"])
-    cfg = conv.config_from_args(args, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4",
+    args = cli.build_parser().parse_args(["--source", "s", "--out", "o", "--array"])
+    cfg = cli.config_from_args(args, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4",
                                        "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "8"})
     assert (cfg.task_index, cfg.num_tasks) == (2, 4)
     with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID"):
-        conv.config_from_args(args, {})
+        cli.config_from_args(args, {})
     # A re-submitted subset (--array=17,40) is not a range: its ids are indices only with --num-tasks.
     subset = {"SLURM_ARRAY_TASK_ID": "40", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "17",
               "SLURM_ARRAY_TASK_MAX": "40"}
     with pytest.raises(ValueError, match="add --num-tasks"):
-        conv.config_from_args(args, subset)
-    args = conv.build_parser().parse_args(["--source", "s", "--out", "o", "--array", "--num-tasks", "64"])
-    cfg = conv.config_from_args(args, subset)
+        cli.config_from_args(args, subset)
+    args = cli.build_parser().parse_args(["--source", "s", "--out", "o", "--array", "--num-tasks", "64"])
+    cfg = cli.config_from_args(args, subset)
     assert (cfg.task_index, cfg.num_tasks) == (40, 64)
 
 
 @pytest.mark.slow
-def test_file_checksum_and_verify_accept_crc32_and_older_sha256_manifests(tmp_path_factory, tmp_path):
-    f = tmp_path / "blob"
-    data = np.random.default_rng(0).integers(0, 256, size=(3 << 20) + 17, dtype=np.uint8).tobytes()
-    f.write_bytes(data)  # spans several read blocks, the last one partial
-    assert conv.file_checksum(f) == f"crc32:{zlib.crc32(data):08x}"
-    assert conv.file_checksum(f, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
-    assert conv.checksum_matches(f, conv.file_checksum(f, "sha256")) and conv.checksum_matches(f, conv.file_checksum(f))
-    assert not conv.checksum_matches(f, "crc32:00000000") and not conv.checksum_matches(f, "md4:00")
-    with pytest.raises(ValueError, match="unknown checksum"):
-        conv.file_checksum(f, "md4")
+def test_verify_accepts_crc32_and_older_sha256_manifests_and_names_a_changed_chunk(tmp_path_factory, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(converted(tmp_path_factory, "parquet"), out)
-    assert conv.verify_chunks(out) == []
+    assert verify_chunks(out) == []
     doc = json.loads((out / "manifest.json").read_text())
     first = doc["chunks"][0]
-    first["checksum"] = conv.file_checksum(out / first["path"], "sha256")  # as an older converter wrote it
+    first["checksum"] = fmt.file_checksum(out / first["path"], "sha256")  # as an older converter wrote it
     (out / "manifest.json").write_text(json.dumps(doc))
-    assert conv.verify_chunks(out) == []
+    assert verify_chunks(out) == []
     with open(out / first["path"], "r+b") as fh:  # one flipped byte, same size
         fh.seek(fh.seek(0, 2) // 2)
         b = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([b[0] ^ 1]))
-    assert conv.verify_chunks(out) == [first["path"]]
+    assert verify_chunks(out) == [first["path"]]
 
 
 def test_cli_with_workers_then_array_and_merge(tmp_path_factory, tmp_path):

@@ -1,7 +1,15 @@
 """MajorTOM readers, the HDF5 chunk format and its manifest, PretrainDataset, synthetic MajorTOM data.
 
+The data's path, in import order: majortom (read a cell) → plan (which cells go into which chunk) → convert
+(write the chunk files) → merge (the manifest) → pretrain (read patches); all of them take names, dtypes and
+checks from chunk_format, and the reader imports no part of the writer.
+
     MajorTOMSource, CellError           read Core-S2L2A/FastTOM cells from parquet shards or the unpacked tree
-    phileo.data.convert                 MajorTOM → HDF5 chunk files + manifest.json (preprocess/majortom_to_h5.py)
+    phileo.data.chunk_format            the on-disk format: file, dataset and attribute names, dtypes, checksums
+    phileo.data.plan                    ConvertConfig and the plan (OUT/plan.json + plan.parquet)
+    phileo.data.convert                 planned cells → HDF5 chunk files (convert_task; convert runs every step)
+    phileo.data.merge                   the array tasks' part manifests → OUT/manifest.json
+    phileo.data.cli                     the converter's command line (preprocess/majortom_to_h5.py)
     load_manifest, assign_chunks        the manifest, and which node reads which chunk
     PretrainDataset                     training patches of one node's chunks (imports torch on first use)
 """

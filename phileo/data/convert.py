@@ -1,17 +1,15 @@
-"""MajorTOM Core-S2L2A → HDF5 chunk files + manifest, locally with K worker processes or as a SLURM job array.
+"""Chunk writing: the planned MajorTOM cells → HDF5 chunk files (format: phileo.data.chunk_format).
 
-Steps (each resumable, each file written under a temporary name and renamed when complete):
+The converter's steps, each resumable and each file written under a temporary name and renamed when complete:
 
-1. **Plan** (`OUT/plan.json` + `OUT/plan.parquet`): list the cells of the source (from metadata.parquet when
-   present, else from the shards/tree themselves), drop duplicate (grid_cell, product_id) rows (keeping the
-   first in reading order), apply --limit/--sample, and cut the cells into chunks of --cells-per-chunk
-   consecutive cells. Deterministic: every array task computes (or reads) the same plan.
-2. **Convert** a slice of the chunks (all of them locally; a contiguous range per array task): each chunk is
-   converted by one worker process into `OUT/chunks/chunk_NNNNN.h5` with a sidecar `chunk_NNNNN.json`
+1. **Plan** (phileo.data.plan): list, deduplicate, select and chunk the cells into OUT/plan.json + plan.parquet.
+2. **Convert** (here) a slice of the chunks (all of them locally; a contiguous range per array task): each chunk
+   is converted by one worker process into `OUT/chunks/chunk_NNNNN.h5` with a sidecar `chunk_NNNNN.json`
    (checksum, counts, rejected/skipped cells). Finished chunks are reused on a re-run. A task ends by writing
    its part manifest `OUT/parts/task_TTTTT-of-NNNNN.json`.
-3. **Merge** the part manifests into `OUT/manifest.json` (atomic): chunks, checksums, the node assignment,
-   counts, every rejected/skipped/duplicate cell, and per-band statistics from the chunks' exact histograms.
+3. **Merge** (phileo.data.merge) the part manifests into `OUT/manifest.json`.
+
+The command line is phileo.data.cli (preprocess/majortom_to_h5.py); `convert` runs the three steps locally.
 
 Within a worker two threads decode and check the next cells (GDAL and most numpy work release the GIL) while
 the main thread writes the current one, so a worker with two free cores runs at about decoding speed or faster.
@@ -21,356 +19,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import os
 import queue
 import sys
 import threading
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from phileo.data.majortom import (ALL_BANDS, BAND_RESOLUTION_M, BANDS_60M, CELL_SIZE_PX, CLOUD_CLASSES, Cell,
-                                  CellError, CellRef, MajorTOMSource, PHILEO_BANDS)
-from phileo.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, ChunkInfo, assign_chunks,
-                                  stats_from_histogram)
+from phileo.data import chunk_format as fmt
+from phileo.data.chunk_format import grid_offsets, grid_valid, nodata_count_20m, valid_offsets_map
+from phileo.data.majortom import CELL_SIZE_PX, Cell, CellError, CellRef, MajorTOMSource
+from phileo.data.merge import merge
+from phileo.data.plan import ConvertConfig, Plan, load_or_make_plan, task_chunks
 from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
-
-COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
-DEFAULT_CELLS_PER_CHUNK = 256  # ~3.5 GB raw per chunk on real data: few files, still many more than nodes
-CHUNKS_PER_NODE_TARGET = 8     # auto chunk size keeps at least this many chunks per node when cells allow
-# HDF5 chunk shapes: one cell, all bands of a resolution, 89 px tiles. 89 divides 1068 and 534, so no tile is
-# partial; a 128 px crop reads 4-9 tiles at 10 m and 1-4 at 20 m. Measured here against 64/32 px tiles: 40 %
-# less CPU to write, ~10 % fewer patches/s to read (both far above their goals).
-H5_TILE_10M = 89
-H5_TILE_20M = 89
-H5_TILE_MASK = 178
-# Histograms sample every 8th 10 m row and every 4th 20 m row (the same 80 m spacing): exact counts of a
-# regular 1/8 sample, at a fraction of the cost of counting every pixel of every cell.
-STATS_ROW_STRIDE_10M = 8
-STATS_ROW_STRIDE_20M = 4
-
-
-@dataclass
-class ConvertConfig:
-    """Everything that decides what the converter writes (plus how fast: workers, progress).
-
-    Refused when built: unknown bands, a band listed twice, patch sizes that are not even or do not fit in a
-    cell, fractions outside [0, 1], limit together with sample, impossible task indices.
-    """
-
-    source: Path | None
-    out: Path
-    nodes: int = 1
-    workers: int = 1
-    layout: str | None = None                # None: auto-detect
-    use_metadata: bool | None = None         # None: use metadata.parquet when present
-    bands: tuple[str, ...] = PHILEO_BANDS
-    patch_size: int = 128
-    max_patch_nodata: float = 0.1            # PhilEO Bench's patch rule
-    max_cell_nodata: float = 1.0             # cells above are skipped (default: keep any cell with a valid patch)
-    max_cloud_cover: float = 100.0           # percent of thick+thin cloud over the valid pixels
-    limit: int | None = None
-    sample: int | None = None
-    sample_seed: int = 0
-    cells_per_chunk: int | None = None       # None: auto
-    compression: str = "lz4"
-    task_index: int = 0
-    num_tasks: int = 1
-    progress: bool = True
-
-    def __post_init__(self):
-        self.out = Path(self.out)
-        self.source = Path(self.source) if self.source is not None else None
-        self.bands = tuple(self.bands)
-        unknown = [b for b in self.bands if b not in BAND_RESOLUTION_M]
-        if unknown:
-            raise ValueError(f"unknown band(s) {unknown}: MajorTOM S2L2A bands are {', '.join(ALL_BANDS)}")
-        if len(set(self.bands)) != len(self.bands):
-            raise ValueError(f"a band is listed twice in {self.bands}")
-        if not any(BAND_RESOLUTION_M[b] == 10 for b in self.bands):
-            raise ValueError("bands must include at least one 10 m band (B02, B03, B04, B08)")
-        if self.patch_size % 2 or not 2 <= self.patch_size <= CELL_SIZE_PX[10]:
-            raise ValueError(f"patch_size must be even (20 m-aligned) and at most {CELL_SIZE_PX[10]}, "
-                             f"got {self.patch_size}")
-        for name in ("max_patch_nodata", "max_cell_nodata"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a fraction in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.max_cloud_cover <= 100.0:
-            raise ValueError(f"max_cloud_cover is a percentage in [0, 100], got {self.max_cloud_cover}")
-        if self.limit is not None and self.sample is not None:
-            raise ValueError("give either limit (the first N cells) or sample (N random cells), not both")
-        for name in ("limit", "sample", "cells_per_chunk"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if self.nodes < 1 or self.workers < 1:
-            raise ValueError("nodes and workers must be >= 1")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS} (all lossless), got {self.compression!r}")
-        if not 0 <= self.task_index < self.num_tasks:
-            raise ValueError(f"task_index must be in [0, num_tasks={self.num_tasks}), got {self.task_index}")
-
-    @property
-    def stored_bands(self) -> dict[int, list[str]]:
-        """Bands by resolution in PhilEO order (10 m B02 B03 B04 B08, 20 m B05 … B12), then 60 m."""
-        order = list(PHILEO_BANDS) + list(BANDS_60M)
-        return {res: [b for b in order if b in self.bands and BAND_RESOLUTION_M[b] == res] for res in (10, 20, 60)}
-
-    def content_fingerprint(self) -> dict[str, Any]:
-        """The arguments that decide what is written (not how fast or by which task)."""
-        return {"source": str(self.source.absolute()) if self.source else None, "layout": self.layout,
-                "use_metadata": self.use_metadata, "bands": list(self.bands), "patch_size": self.patch_size,
-                "max_patch_nodata": self.max_patch_nodata, "max_cell_nodata": self.max_cell_nodata,
-                "max_cloud_cover": self.max_cloud_cover, "limit": self.limit, "sample": self.sample,
-                "sample_seed": self.sample_seed, "cells_per_chunk": self.cells_per_chunk,
-                "compression": self.compression}
-
-
-# ------------------------------------------------------------------------------------------------------ plan
-PLAN_JSON = "plan.json"
-PLAN_CELLS = "plan.parquet"
-_PLAN_COLUMNS = ("chunk", "path", "row_group", "row", "grid_cell", "product_id", "layout", "timestamp")
-
-
-@dataclass
-class Plan:
-    """Which cells go into which chunk; `fingerprint` identifies it in every file the conversion writes."""
-
-    fingerprint: str
-    config: dict[str, Any]
-    cells_per_chunk: int
-    chunks: list[list[CellRef]]
-    dataset_dir: str
-    counts: dict[str, int]
-    duplicates: list[dict[str, Any]]
-    not_present_shards: list[str]
-    unreadable: list[dict[str, Any]]
-
-
-def _dedupe(refs: list[CellRef], dataset_dir: Path) -> tuple[list[CellRef], list[dict[str, Any]]]:
-    seen: dict[tuple[str, str], CellRef] = {}
-    kept, dups = [], []
-    for r in refs:
-        first = seen.get(r.key)
-        if first is None:
-            seen[r.key] = r
-            kept.append(r)
-        else:
-            dups.append({"grid_cell": r.grid_cell, "product_id": r.product_id,
-                         "dropped": r.describe(dataset_dir), "kept": first.describe(dataset_dir)})
-    return kept, dups
-
-
-def _resolve_cells_per_chunk(cfg: ConvertConfig, n_cells: int) -> int:
-    if cfg.cells_per_chunk is not None:
-        return cfg.cells_per_chunk
-    # Enough chunks that the set can later be read by several times more nodes than it was converted for.
-    return max(1, min(DEFAULT_CELLS_PER_CHUNK, n_cells // (CHUNKS_PER_NODE_TARGET * cfg.nodes)))
-
-
-def make_plan(cfg: ConvertConfig) -> Plan:
-    """Lists, deduplicates, selects and chunks the source's cells (no image is decoded)."""
-    if cfg.source is None:
-        raise ValueError("--source is needed to plan a conversion")
-    src = MajorTOMSource(cfg.source, layout=cfg.layout, use_metadata=cfg.use_metadata)
-    refs = src.list_cells()
-    listed = len(refs)
-    kept, dups = _dedupe(refs, src.dataset_dir)
-    selected = kept
-    if cfg.limit is not None:
-        selected = kept[: cfg.limit]
-    elif cfg.sample is not None and cfg.sample < len(kept):
-        rng = np.random.default_rng(cfg.sample_seed)
-        pick = np.sort(rng.choice(len(kept), size=cfg.sample, replace=False))
-        selected = [kept[i] for i in pick]
-    if not selected:
-        why = f"; unreadable: {src.unreadable[0]['reason']}" if src.unreadable else ""
-        raise ValueError(f"no cells to convert in {src.dataset_dir} ({listed} listed{why}): check --source, "
-                         f"--layout and --limit/--sample")
-    cpc = _resolve_cells_per_chunk(cfg, len(selected))
-    chunks = [selected[i:i + cpc] for i in range(0, len(selected), cpc)]
-    config = cfg.content_fingerprint()
-    config["cells_per_chunk"] = cpc
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for r in selected:
-        digest.update(f"{r.path}\0{r.row_group}\0{r.row}\0{r.grid_cell}\0{r.product_id}\n".encode())
-    counts = {"listed": listed, "duplicates": len(dups), "not_present_in_download": src.not_present_cells,
-              "unreadable_at_listing": len(src.unreadable), "after_dedup": len(kept), "planned": len(selected),
-              "chunks": len(chunks)}
-    return Plan(digest.hexdigest()[:16], config, cpc, chunks, str(src.dataset_dir), counts, dups,
-                list(src.not_present), list(src.unreadable))
-
-
-def _write_plan(out: Path, plan: Plan) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = {c: [] for c in _PLAN_COLUMNS}
-    for k, chunk in enumerate(plan.chunks):
-        for r in chunk:
-            for c, v in zip(_PLAN_COLUMNS, (k, r.path, r.row_group, r.row, r.grid_cell, r.product_id, r.layout,
-                                            r.timestamp)):
-                rows[c].append(v)
-    table = pa.table({c: pa.array(v, type=pa.string() if c == "timestamp" else None) for c, v in rows.items()})
-    with atomic_path(out / PLAN_CELLS) as tmp:
-        pq.write_table(table, tmp)
-    # plan.json last: its presence means the plan is complete.
-    atomic_write_json(out / PLAN_JSON, {
-        "format": FORMAT + "-plan", "schema_version": SCHEMA_VERSION, "fingerprint": plan.fingerprint,
-        "config": plan.config, "cells_per_chunk": plan.cells_per_chunk, "dataset_dir": plan.dataset_dir,
-        "n_chunks": len(plan.chunks), "counts": plan.counts, "duplicates": plan.duplicates,
-        "not_present_shards": plan.not_present_shards, "unreadable": plan.unreadable})
-
-
-def _read_plan(out: Path) -> Plan | None:
-    import pyarrow.parquet as pq
-
-    if not (out / PLAN_JSON).is_file():
-        return None
-    doc = read_json(out / PLAN_JSON, what="conversion plan")
-    try:
-        t = pq.read_table(out / PLAN_CELLS).to_pydict()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{out / PLAN_CELLS} does not read ({e}) although {out / PLAN_JSON} exists: delete "
-                         f"both and re-run the same command (finished chunks are kept if the plan is the "
-                         f"same)") from None
-    chunks: list[list[CellRef]] = [[] for _ in range(int(doc["n_chunks"]))]
-    for k, p, rg, r, gc, pid, lay, ts in zip(*(t[c] for c in _PLAN_COLUMNS)):
-        chunks[k].append(CellRef(p, rg, r, gc, pid, lay, ts))
-    return Plan(doc["fingerprint"], doc["config"], int(doc["cells_per_chunk"]), chunks, doc["dataset_dir"],
-                doc["counts"], doc["duplicates"], doc.get("not_present_shards", []), doc.get("unreadable", []))
-
-
-def load_or_make_plan(cfg: ConvertConfig) -> Plan:
-    """The plan in cfg.out if one exists and was made with the same arguments, else a new one (written).
-
-    Refuses to mix: an existing plan made with other content arguments raises, naming the differences.
-    """
-    existing = _read_plan(cfg.out)
-    if existing is not None:
-        want = cfg.content_fingerprint()
-        have = dict(existing.config)
-        if want["cells_per_chunk"] is None:  # auto: whatever the plan resolved it to
-            want["cells_per_chunk"] = have.get("cells_per_chunk")
-        if cfg.source is None:  # resuming from OUT alone: the plan knows the source
-            want["source"] = have.get("source")
-            cfg.source = Path(have["source"]) if have.get("source") else None
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
-            raise ValueError(f"{cfg.out / PLAN_JSON} was made with other arguments ({details}). Re-run with the "
-                             f"same arguments to resume, or convert into a new --out folder")
-        return existing
-    plan = make_plan(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    make_group_readable(cfg.out, directory=True)
-    _write_plan(cfg.out, plan)
-    return plan
-
-
-def task_chunks(n_chunks: int, task_index: int, num_tasks: int) -> range:
-    """The contiguous range of chunk indices array task `task_index` of `num_tasks` converts."""
-    return range(task_index * n_chunks // num_tasks, (task_index + 1) * n_chunks // num_tasks)
-
-
-# ------------------------------------------------------------------------------------------ per-cell checks
-def nodata_count_20m(b10: np.ndarray, b20: np.ndarray | None) -> np.ndarray | None:
-    """No-data 10 m pixels (0 in any stored 10/20 m band) counted per 20 m pixel: uint8 (534, 534) in 0-4, or
-    None when the cell has no zero at all (the common case, decided by a cheap min)."""
-    if b10.min() > 0 and (b20 is None or b20.size == 0 or b20.min() > 0):
-        return None
-    n20 = CELL_SIZE_PX[20]
-    nd10 = (b10 == 0).any(axis=0)
-    count = nd10.reshape(n20, 2, n20, 2).sum(axis=(1, 3), dtype=np.uint8)
-    if b20 is not None and b20.size:
-        count[(b20 == 0).any(axis=0)] = 4
-    return count
-
-
-def valid_offsets_map(count20: np.ndarray | None, patch_size: int, max_nodata: float) -> np.ndarray | None:
-    """bool (P, P) over even crop offsets (row_off = 2·i, col_off = 2·j): True where the patch_size crop has at
-    most max_nodata of its pixels no-data. None when the cell has no no-data (every offset valid)."""
-    if count20 is None:
-        return None
-    half = patch_size // 2
-    ii = np.zeros((count20.shape[0] + 1, count20.shape[1] + 1), dtype=np.int64)
-    np.cumsum(np.cumsum(count20, axis=0, dtype=np.int64), axis=1, out=ii[1:, 1:])
-    sums = ii[half:, half:] - ii[:-half, half:] - ii[half:, :-half] + ii[:-half, :-half]
-    return sums <= max_nodata * patch_size * patch_size
-
-
-def grid_offsets(patch_size: int) -> np.ndarray:
-    """Row (= column) offsets of the fixed non-overlapping patch grid in a cell: 0, p, 2p, … (all even)."""
-    return np.arange(CELL_SIZE_PX[10] // patch_size) * patch_size
-
-
-def grid_valid(valid_map: np.ndarray | None, patch_size: int) -> np.ndarray:
-    """bool (G, G): which grid patches (see grid_offsets) are servable."""
-    g = grid_offsets(patch_size) // 2
-    if valid_map is None:
-        return np.ones((len(g), len(g)), dtype=bool)
-    return valid_map[np.ix_(g, g)]
-
-
-# ------------------------------------------------------------------------------------------ chunk writing
-def _h5_filter(compression: str) -> dict[str, Any]:
-    if compression == "none":
-        return {}
-    if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    import hdf5plugin
-
-    # Blosc with byte shuffle: uint16 reflectance compresses ~2x; level 1 is nearly as small as 5 and faster.
-    cname = {"lz4": "lz4", "zstd": "zstd"}[compression]
-    return dict(hdf5plugin.Blosc(cname=cname, clevel=1 if cname == "lz4" else 3, shuffle=hdf5plugin.Blosc.SHUFFLE))
-
-
-def chunk_name(index: int) -> str:
-    return f"chunk_{index:05d}.h5"
-
-
-CHECKSUM_ALGORITHM = "crc32"  # of the whole chunk file; older manifests recorded sha256 (still verified)
-_CHECKSUM_BLOCK = 1 << 20
-
-
-def file_checksum(path: str | os.PathLike, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    """'<algorithm>:<hex>' of the whole file, streamed through one reused buffer.
-
-    crc32 (zlib, the default) detects corruption and truncation at ~3.5 GB/s, 2.4x sha256 with SHA-NI: the
-    converter checksums every chunk it writes. sha256 is still computed for manifests that recorded it.
-    """
-    if algorithm == "crc32":
-        crc, update = 0, None
-    elif algorithm == "sha256":
-        h = hashlib.new(algorithm)
-        update = h.update
-    else:
-        raise ValueError(f"unknown checksum algorithm {algorithm!r} (crc32 or sha256)")
-    buf = bytearray(_CHECKSUM_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            if update is None:
-                crc = zlib.crc32(view[:n], crc)
-            else:
-                update(view[:n])
-    return f"crc32:{crc:08x}" if update is None else f"{algorithm}:{h.hexdigest()}"
-
-
-def checksum_matches(path: str | os.PathLike, checksum: str) -> bool:
-    """Whether the file's checksum, computed with the algorithm `checksum` names ('crc32:…', 'sha256:…'), is
-    `checksum`. False for an unknown algorithm."""
-    algorithm, _, _ = checksum.partition(":")
-    try:
-        return file_checksum(path, algorithm) == checksum
-    except ValueError:
-        return False
 
 
 def _alloc_blocks(stored: dict[int, list[str]]) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
@@ -449,90 +113,110 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
     import h5py
 
     cfg = ConvertConfig(**cfg_dict)
-    out_dir = cfg.out / "chunks"
-    final = out_dir / chunk_name(index)
+    out_dir = cfg.out / fmt.CHUNKS_DIR
     stored = cfg.stored_bands
     read_bands = stored[10] + stored[20] + stored[60]
-    n_plan = len(refs)
-    p = cfg.patch_size
-    g = len(grid_offsets(p))
-    flt = _h5_filter(cfg.compression)
-    n10, n20, n60 = (CELL_SIZE_PX[r] for r in (10, 20, 60))
-    # uint32 is enough per chunk: 256 cells x 1068 x 1068 px is 2.9e8 < 2^32.
-    hist = np.zeros((len(read_bands), 65536), dtype=np.uint32)
+    hist = np.zeros((len(read_bands), fmt.HISTOGRAM_BINS), dtype=fmt.HISTOGRAM_DTYPE)
+    meta: dict[str, list] = {k: [] for k in fmt.CELL_STRINGS + tuple(fmt.CELL_DTYPES)}
+    t0 = time.time()
+    with atomic_path(out_dir / fmt.chunk_name(index)) as tmp:
+        with h5py.File(tmp, "w") as f:
+            pixels = create_pixel_datasets(f, len(refs), stored, cfg.compression)
+            n, rejected, skipped = _convert_cells(refs, cfg, dataset_dir, pixels, hist, meta, on_cell)
+            for d in pixels.values():
+                d.resize(n, axis=0)
+            _write_cell_metadata(f, meta, n, len(grid_offsets(cfg.patch_size)))
+            f.create_dataset(fmt.BAND_HISTOGRAM, data=hist, compression="gzip", compression_opts=4, shuffle=True)
+            f[fmt.STATS].attrs[fmt.STATS_ATTR_BANDS] = json.dumps(read_bands)
+            f[fmt.STATS].attrs[fmt.STATS_ATTR_SAMPLING] = fmt.STATS_SAMPLING
+            # A dataset, not an attribute: a chunk full of rejected cells can outgrow the 64 KiB attribute limit.
+            f.create_dataset(fmt.REPORT, data=json.dumps({"rejected": rejected, "skipped": skipped}),
+                             dtype=h5py.string_dtype("utf-8"))
+            f.attrs.update({fmt.ATTR_FORMAT: fmt.FORMAT, fmt.ATTR_SCHEMA_VERSION: fmt.SCHEMA_VERSION,
+                            fmt.ATTR_CHUNK_INDEX: index, fmt.ATTR_PLAN_FINGERPRINT: fingerprint,
+                            **{fmt.ATTR_BANDS[res]: json.dumps(stored[res]) for res in fmt.RESOLUTIONS_M},
+                            fmt.ATTR_PATCH_SIZE: cfg.patch_size, fmt.ATTR_MAX_PATCH_NODATA: cfg.max_patch_nodata,
+                            fmt.ATTR_COMPRESSION: cfg.compression})
+        checksum = fmt.file_checksum(tmp)
+        size = tmp.stat().st_size
+    entry = _sidecar(index, n, len(refs), checksum, size, int(np.sum(meta[fmt.GRID_VALID])), fingerprint, rejected,
+                     skipped, round(time.time() - t0, 3))
+    atomic_write_json(out_dir / fmt.sidecar_name(index), entry)
+    return entry
+
+
+def _sidecar(index: int, n_cells: int, planned: int, checksum: str, size: int, n_grid_patches: int,
+             fingerprint: str, rejected: list, skipped: list, seconds: float | None) -> dict[str, Any]:
+    """The sidecar of a finished chunk (also its entry in the part manifest)."""
+    return {"index": index, "path": fmt.chunk_relpath(index), "n_cells": n_cells, "planned": planned,
+            "checksum": checksum, "bytes": size, "n_grid_patches": n_grid_patches, "plan_fingerprint": fingerprint,
+            "rejected": rejected, "skipped": skipped, "seconds": seconds}
+
+
+def create_pixel_datasets(f, n_rows: int, stored: dict[int, list[str]], compression: str) -> dict[str, Any]:
+    """The per-cell pixel datasets of a chunk (bands by resolution, cloud mask, no-data counts) with `n_rows`
+    rows, resizable along the cell axis; by name."""
+    flt = fmt.h5_filter(compression)
+    n10, n20, n60 = (CELL_SIZE_PX[r] for r in fmt.RESOLUTIONS_M)
+    tiles = {10: fmt.H5_TILE_10M, 20: fmt.H5_TILE_20M, 60: n60}
+
+    def dataset(name, shape, dtype, tile, **kw):
+        return f.create_dataset(name, shape=(n_rows, *shape), maxshape=(None, *shape), dtype=dtype,
+                                chunks=(1, *tile), **kw)
+
+    out = {}
+    for res in fmt.RESOLUTIONS_M:
+        if stored[res]:
+            px, t = CELL_SIZE_PX[res], tiles[res]
+            out[fmt.BANDS[res]] = dataset(fmt.BANDS[res], (len(stored[res]), px, px), fmt.BAND_DTYPE,
+                                          (len(stored[res]), t, t), **flt)
+    out[fmt.CLOUD_MASK] = dataset(fmt.CLOUD_MASK, (n10, n10), fmt.CLOUD_MASK_DTYPE,
+                                  (fmt.H5_TILE_MASK, fmt.H5_TILE_MASK), **flt)
+    out[fmt.NODATA_COUNT_20M] = dataset(fmt.NODATA_COUNT_20M, (n20, n20), fmt.NODATA_COUNT_DTYPE, (n20, n20),
+                                        compression="gzip", compression_opts=1)
+    return out
+
+
+def _convert_cells(refs: Sequence[CellRef], cfg: ConvertConfig, dataset_dir: str, pixels: dict[str, Any],
+                   hist: np.ndarray, meta: dict[str, list],
+                   on_cell: Callable[[int], None] | None) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Decodes, checks and writes the chunk's cells in plan order; returns (cells written, rejected, skipped)."""
+    stored = cfg.stored_bands
+    source = MajorTOMSource(cfg.source, layout=refs[0].layout if refs else cfg.layout, use_metadata=False)
     rejected: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    meta: dict[str, list] = {k: [] for k in ("grid_cell", "product_id", "timestamp", "crs", "geotransform",
-                                             "source", "nodata_fraction", "cloud_fraction", "n_valid_offsets",
-                                             "grid_valid")}
-    source = MajorTOMSource(cfg.source, layout=refs[0].layout if refs else cfg.layout, use_metadata=False)
-    t0 = time.time()
-    with atomic_path(final) as tmp:
-        with h5py.File(tmp, "w") as f:
-            def dataset(name, shape, dtype, tile, **kw):
-                return f.create_dataset(name, shape=(n_plan, *shape), maxshape=(None, *shape), dtype=dtype,
-                                        chunks=(1, *tile), **kw)
+    n = 0
+    pre = _Prefetcher(source, refs, stored, check=lambda cell, blocks: _check_cell(cell, blocks, stored, cfg))
+    try:
+        for ref, item, blocks, checked in pre:
+            where = ref.describe(dataset_dir)
+            if isinstance(item, CellError):
+                rejected.append({"grid_cell": ref.grid_cell, "product_id": ref.product_id,
+                                 "source": where, "reason": item.reason})
+            elif isinstance(checked, str):
+                skipped.append({"grid_cell": ref.grid_cell, "product_id": ref.product_id,
+                                "source": where, "reason": checked})
+            else:
+                _write_cell(item, checked, n, pixels, hist, meta)
+                meta[fmt.SOURCE].append(where)
+                n += 1
+            if on_cell is not None:
+                on_cell(1)
+    finally:
+        pre.close()
+    return n, rejected, skipped
 
-            d10 = dataset("bands_10m", (len(stored[10]), n10, n10), np.uint16,
-                          (len(stored[10]), H5_TILE_10M, H5_TILE_10M), **flt)
-            d20 = (dataset("bands_20m", (len(stored[20]), n20, n20), np.uint16,
-                           (len(stored[20]), H5_TILE_20M, H5_TILE_20M), **flt) if stored[20] else None)
-            d60 = (dataset("bands_60m", (len(stored[60]), n60, n60), np.uint16, (len(stored[60]), n60, n60), **flt)
-                   if stored[60] else None)
-            dmask = dataset("cloud_mask", (n10, n10), np.uint8, (H5_TILE_MASK, H5_TILE_MASK), **flt)
-            dnod = dataset("nodata_count_20m", (n20, n20), np.uint8, (n20, n20), compression="gzip",
-                           compression_opts=1)
-            n = 0
-            pre = _Prefetcher(source, refs, stored, check=lambda cell, blocks: _check_cell(cell, blocks, stored, cfg))
-            try:
-                for ref, item, blocks, checked in pre:
-                    where = ref.describe(dataset_dir)
-                    if isinstance(item, CellError):
-                        rejected.append({"grid_cell": ref.grid_cell, "product_id": ref.product_id,
-                                         "source": where, "reason": item.reason})
-                    elif isinstance(checked, str):
-                        skipped.append({"grid_cell": ref.grid_cell, "product_id": ref.product_id,
-                                        "source": where, "reason": checked})
-                    else:
-                        _write_cell(item, checked, n, d10, d20, d60, dmask, dnod, hist, meta)
-                        meta["source"].append(where)
-                        n += 1
-                    if on_cell is not None:
-                        on_cell(1)
-            finally:
-                pre.close()
-            for d in (d10, d20, d60, dmask, dnod):
-                if d is not None:
-                    d.resize(n, axis=0)
-            cells = f.create_group("cells")
-            str_dt = h5py.string_dtype("utf-8")
-            for k in ("grid_cell", "product_id", "timestamp", "crs", "source"):
-                cells.create_dataset(k, data=np.array(meta[k], dtype=object), dtype=str_dt)
-            cells.create_dataset("geotransform", data=np.array(meta["geotransform"], np.float64).reshape(n, 6))
-            cells.create_dataset("nodata_fraction", data=np.array(meta["nodata_fraction"], np.float32))
-            cells.create_dataset("cloud_fraction", data=np.array(meta["cloud_fraction"], np.float32).reshape(n, 4))
-            cells.create_dataset("n_valid_offsets", data=np.array(meta["n_valid_offsets"], np.int64))
-            cells.create_dataset("grid_valid", data=np.array(meta["grid_valid"], bool).reshape(n, g, g))
-            stats = f.create_group("stats")
-            stats.create_dataset("band_histogram", data=hist, compression="gzip", compression_opts=4, shuffle=True)
-            stats.attrs["bands"] = json.dumps(read_bands)
-            stats.attrs["sampling"] = (f"every {STATS_ROW_STRIDE_10M}th 10 m row, every {STATS_ROW_STRIDE_20M}th "
-                                       f"20 m row, every 60 m row; value 0 (no-data) excluded")
-            # A dataset, not an attribute: a chunk full of rejected cells can outgrow the 64 KiB attribute limit.
-            f.create_dataset("report", data=json.dumps({"rejected": rejected, "skipped": skipped}), dtype=str_dt)
-            f.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "chunk_index": index,
-                            "plan_fingerprint": fingerprint, "bands_10m": json.dumps(stored[10]),
-                            "bands_20m": json.dumps(stored[20]), "bands_60m": json.dumps(stored[60]),
-                            "patch_size": p, "max_patch_nodata": cfg.max_patch_nodata,
-                            "compression": cfg.compression})
-        checksum = file_checksum(tmp)
-        size = tmp.stat().st_size
-    entry = {"index": index, "path": f"chunks/{chunk_name(index)}", "n_cells": n, "planned": n_plan,
-             "checksum": checksum, "bytes": size, "n_grid_patches": int(np.sum(meta["grid_valid"])),
-             "plan_fingerprint": fingerprint, "rejected": rejected, "skipped": skipped,
-             "seconds": round(time.time() - t0, 3)}
-    atomic_write_json(out_dir / (chunk_name(index)[:-3] + ".json"), entry)
-    return entry
+
+def _write_cell_metadata(f, meta: dict[str, list], n: int, grid: int) -> None:
+    """The cells/ datasets of a chunk of n cells from the lists _write_cell filled (grid: patches a side)."""
+    import h5py
+
+    str_dt = h5py.string_dtype("utf-8")
+    for k in fmt.CELL_STRINGS:
+        f.create_dataset(k, data=np.array(meta[k], dtype=object), dtype=str_dt)
+    tails = {fmt.GEOTRANSFORM: (6,), fmt.CLOUD_FRACTION: (4,), fmt.GRID_VALID: (grid, grid)}
+    for k, dtype in fmt.CELL_DTYPES.items():
+        f.create_dataset(k, data=np.array(meta[k], dtype).reshape(n, *tails.get(k, ())))
 
 
 def _check_cell(cell: Cell, blocks: dict[int, np.ndarray], stored: dict[int, list[str]],
@@ -571,41 +255,35 @@ def _check_cell(cell: Cell, blocks: dict[int, np.ndarray], stored: dict[int, lis
                 f"(cell no-data fraction {nodata_fraction:.3f})")
     # Exact value histograms over a regular subsample (every 80 m): mergeable across chunks and tasks.
     hist = []
-    for arr, stride in ((b10, STATS_ROW_STRIDE_10M), (b20, STATS_ROW_STRIDE_20M)):
+    for arr, stride in ((b10, fmt.STATS_ROW_STRIDE_10M), (b20, fmt.STATS_ROW_STRIDE_20M)):
         if arr is None:
             continue
         for band in arr:
-            hist.append(np.bincount(band[::stride].ravel(), minlength=65536).astype(np.uint32))
+            hist.append(np.bincount(band[::stride].ravel(), minlength=fmt.HISTOGRAM_BINS).astype(fmt.HISTOGRAM_DTYPE))
     for b in stored[60]:
-        hist.append(np.bincount(cell.bands[b].ravel(), minlength=65536).astype(np.uint32))
+        hist.append(np.bincount(cell.bands[b].ravel(), minlength=fmt.HISTOGRAM_BINS).astype(fmt.HISTOGRAM_DTYPE))
     return {"b10": b10, "b20": b20, "b60": _block(blocks, 60, cell, stored), "count": count, "hist": hist,
             "nodata_fraction": nodata_fraction, "cloud_fraction": cloud_fraction, "n_valid": n_valid,
             "grid_valid": grid_valid(vmap, cfg.patch_size)}
 
 
-def _write_cell(cell: Cell, checked: dict[str, Any], n: int, d10, d20, d60, dmask, dnod, hist: np.ndarray,
+def _write_cell(cell: Cell, checked: dict[str, Any], n: int, pixels: dict[str, Any], hist: np.ndarray,
                 meta: dict[str, list]) -> None:
     """Writes one checked cell (see _check_cell) at row n and adds it to the histograms and the metadata."""
-    d10[n] = checked["b10"]
-    if d20 is not None:
-        d20[n] = checked["b20"]
-    if d60 is not None:
-        d60[n] = checked["b60"]
-    dmask[n] = cell.cloud_mask
+    for res, key in zip(fmt.RESOLUTIONS_M, ("b10", "b20", "b60")):
+        if fmt.BANDS[res] in pixels:
+            pixels[fmt.BANDS[res]][n] = checked[key]
+    pixels[fmt.CLOUD_MASK][n] = cell.cloud_mask
     if checked["count"] is not None:
-        dnod[n] = checked["count"]
+        pixels[fmt.NODATA_COUNT_20M][n] = checked["count"]
     for j, h in enumerate(checked["hist"]):
         hist[j] += h
     hist[:, 0] = 0
-    meta["grid_cell"].append(cell.grid_cell)
-    meta["product_id"].append(cell.product_id)
-    meta["timestamp"].append(cell.timestamp)
-    meta["crs"].append(cell.crs)
-    meta["geotransform"].append(cell.transform)
-    meta["nodata_fraction"].append(checked["nodata_fraction"])
-    meta["cloud_fraction"].append(checked["cloud_fraction"])
-    meta["n_valid_offsets"].append(checked["n_valid"])
-    meta["grid_valid"].append(checked["grid_valid"])
+    for k, v in ((fmt.GRID_CELL, cell.grid_cell), (fmt.PRODUCT_ID, cell.product_id), (fmt.TIMESTAMP, cell.timestamp),
+                 (fmt.CRS, cell.crs), (fmt.GEOTRANSFORM, cell.transform),
+                 (fmt.NODATA_FRACTION, checked["nodata_fraction"]), (fmt.CLOUD_FRACTION, checked["cloud_fraction"]),
+                 (fmt.N_VALID_OFFSETS, checked["n_valid"]), (fmt.GRID_VALID, checked["grid_valid"])):
+        meta[k].append(v)
 
 
 def _block(blocks: dict[int, np.ndarray], res: int, cell: Cell, stored: dict[int, list[str]]) -> np.ndarray | None:
@@ -621,8 +299,8 @@ def _block(blocks: dict[int, np.ndarray], res: int, cell: Cell, stored: dict[int
 
 def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
     """The sidecar of a finished chunk of this plan, or None when the chunk must be (re)converted."""
-    h5 = out / "chunks" / chunk_name(index)
-    side = out / "chunks" / (chunk_name(index)[:-3] + ".json")
+    h5 = out / fmt.CHUNKS_DIR / fmt.chunk_name(index)
+    side = out / fmt.CHUNKS_DIR / fmt.sidecar_name(index)
     if not h5.is_file():
         return None
     if side.is_file():
@@ -637,17 +315,16 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
 
     try:
         with h5py.File(h5, "r") as f:
-            if f.attrs.get("plan_fingerprint") != fingerprint or int(f.attrs["chunk_index"]) != index:
+            if (f.attrs.get(fmt.ATTR_PLAN_FINGERPRINT) != fingerprint
+                    or int(f.attrs[fmt.ATTR_CHUNK_INDEX]) != index):
                 return None
-            report = json.loads(f["report"].asstr()[()])
-            n = int(f["bands_10m"].shape[0])
-            n_grid = int(np.count_nonzero(f["cells/grid_valid"][...]))
+            report = json.loads(f[fmt.REPORT].asstr()[()])
+            n = int(f[fmt.BANDS[10]].shape[0])
+            n_grid = int(np.count_nonzero(f[fmt.GRID_VALID][...]))
     except (OSError, KeyError):
         return None
-    entry = {"index": index, "path": f"chunks/{chunk_name(index)}", "n_cells": n,
-             "planned": n + len(report["rejected"]) + len(report["skipped"]), "checksum": file_checksum(h5),
-             "bytes": h5.stat().st_size, "n_grid_patches": n_grid, "plan_fingerprint": fingerprint,
-             "rejected": report["rejected"], "skipped": report["skipped"], "seconds": None}
+    entry = _sidecar(index, n, n + len(report["rejected"]) + len(report["skipped"]), fmt.file_checksum(h5),
+                     h5.stat().st_size, n_grid, fingerprint, report["rejected"], report["skipped"], None)
     atomic_write_json(side, entry)
     return entry
 
@@ -655,19 +332,15 @@ def _existing_chunk(out: Path, index: int, fingerprint: str) -> dict[str, Any] |
 def _remove_stale_temporaries(out: Path, indices: Sequence[int]) -> int:
     """Deletes temporary files left by a killed run for the chunks this task owns."""
     removed = 0
-    chunk_dir = out / "chunks"
+    chunk_dir = out / fmt.CHUNKS_DIR
     if not chunk_dir.is_dir():
         return 0
     for i in indices:
-        for stem in (chunk_name(i), chunk_name(i)[:-3] + ".json"):
+        for stem in (fmt.chunk_name(i), fmt.sidecar_name(i)):
             for tmp in chunk_dir.glob(f".{stem}.*.tmp"):
                 tmp.unlink(missing_ok=True)
                 removed += 1
     return removed
-
-
-def part_name(task_index: int, num_tasks: int) -> str:
-    return f"task_{task_index:05d}-of-{num_tasks:05d}.json"
 
 
 def _worker_init(q):
@@ -697,8 +370,8 @@ def convert_task(cfg: ConvertConfig, plan: Plan | None = None) -> dict[str, Any]
     plan = plan or load_or_make_plan(cfg)
     indices = list(task_chunks(len(plan.chunks), cfg.task_index, cfg.num_tasks))
     _remove_stale_temporaries(cfg.out, indices)
-    (cfg.out / "chunks").mkdir(parents=True, exist_ok=True)
-    make_group_readable(cfg.out / "chunks", directory=True)
+    (cfg.out / fmt.CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
+    make_group_readable(cfg.out / fmt.CHUNKS_DIR, directory=True)
     done: dict[int, dict[str, Any]] = {}
     todo = []
     for i in indices:
@@ -722,10 +395,10 @@ def convert_task(cfg: ConvertConfig, plan: Plan | None = None) -> dict[str, Any]
             done.update(_run_pool(jobs, workers, bar))
     finally:
         bar.close()
-    part = {"format": FORMAT + "-part", "schema_version": SCHEMA_VERSION, "plan_fingerprint": plan.fingerprint,
+    part = {"format": fmt.PART_FORMAT, "schema_version": fmt.SCHEMA_VERSION, "plan_fingerprint": plan.fingerprint,
             "task_index": cfg.task_index, "num_tasks": cfg.num_tasks, "chunks": [done[i] for i in indices],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(cfg.out / "parts" / part_name(cfg.task_index, cfg.num_tasks), part)
+    atomic_write_json(cfg.out / fmt.PARTS_DIR / fmt.part_name(cfg.task_index, cfg.num_tasks), part)
     return part
 
 
@@ -786,119 +459,6 @@ def _progress_bar(cfg: ConvertConfig, total: int, desc: str):
                 mininterval=0.2 if sys.stderr.isatty() else 30.0)
 
 
-# ------------------------------------------------------------------------------------------------------ merge
-def merge(out: str | os.PathLike, nodes: int = 1) -> dict[str, Any]:
-    """Merges the part manifests in `out/parts/` into `out/manifest.json` (atomically) and returns it.
-
-    Refuses (naming the array tasks to re-run) when any planned chunk has no finished part, and when parts
-    disagree about a chunk. `nodes` sets the stored assignment; any other node count can be used at training.
-    """
-    import h5py
-
-    out = Path(out)
-    plan = _read_plan(out)
-    if plan is None:
-        raise FileNotFoundError(f"{out / PLAN_JSON} not found: nothing was converted into {out} yet. Run the "
-                                f"converter (without --merge) first")
-    entries: dict[int, dict[str, Any]] = {}
-    seen_tasks: dict[int, set[int]] = {}
-    for p in sorted((out / "parts").glob("task_*-of-*.json")):
-        part = read_json(p, what="part manifest")
-        if part.get("plan_fingerprint") != plan.fingerprint:
-            continue  # from an older plan in the same folder; its chunks were redone
-        seen_tasks.setdefault(int(part["num_tasks"]), set()).add(int(part["task_index"]))
-        for e in part["chunks"]:
-            prev = entries.get(int(e["index"]))
-            if prev is not None and prev["checksum"] != e["checksum"]:
-                raise ValueError(f"parts in {out / 'parts'} disagree about chunk {e['index']} (checksums "
-                                 f"{prev['checksum']} and {e['checksum']}): re-run the task that owns it")
-            entries[int(e["index"])] = e
-    missing = [i for i in range(len(plan.chunks)) if i not in entries]
-    if missing:
-        hints = []
-        for t, have in sorted(seen_tasks.items()) or [(1, set())]:
-            todo = sorted({k for k in range(t) for i in missing if i in task_chunks(len(plan.chunks), k, t)})
-            hints.append(f"with --num-tasks {t}: task(s) {_ranges(todo)} (have {_ranges(sorted(have)) or 'none'})")
-        raise ValueError(f"cannot merge {out}: {len(missing)} of {len(plan.chunks)} chunks are not finished "
-                         f"({_ranges(missing)}). Re-run the missing array tasks ({'; '.join(hints)}), e.g. "
-                         f"sbatch --array=<those task ids> … --array --num-tasks <N>, or re-run the same "
-                         f"command without --array to finish them locally; then --merge again")
-    ordered = [entries[i] for i in range(len(plan.chunks))]
-    for e in ordered:
-        f = out / e["path"]
-        if not f.is_file() or f.stat().st_size != e["bytes"]:
-            raise ValueError(f"{f} is missing or has changed since its task finished ({e['bytes']} bytes "
-                             f"expected): delete it and its .json sidecar, re-run its task, then --merge")
-    chunk_infos = [ChunkInfo(e["index"], e["path"], e["n_cells"], e["checksum"], e["bytes"], e["n_grid_patches"])
-                   for e in ordered if e["n_cells"] > 0]
-    cfg = plan.config
-    stored = ConvertConfig(source=None, out=out, bands=tuple(cfg["bands"])).stored_bands
-    bands = stored[10] + stored[20] + stored[60]
-    hist = np.zeros((len(bands), 65536), dtype=np.uint64)
-    for c in chunk_infos:
-        with h5py.File(out / c.path, "r") as f:
-            hist += f["stats/band_histogram"][...].astype(np.uint64)
-    rejected = list(plan.unreadable) + [r for e in ordered for r in e["rejected"]]
-    skipped = [r for e in ordered for r in e["skipped"]]
-    n_cells = sum(c.n_cells for c in chunk_infos)
-    if not chunk_infos:
-        raise ValueError(f"no cell of {out} survived conversion ({len(rejected)} rejected, {len(skipped)} "
-                         f"skipped; see {out}/chunks/*.json for the reasons)")
-    n_nodes_ok = min(nodes, len(chunk_infos))
-    assignment = assign_chunks(chunk_infos, n_nodes_ok)
-    counts = dict(plan.counts)
-    counts.update({"converted": n_cells, "rejected": len(rejected), "skipped": len(skipped),
-                   "chunks": len(chunk_infos), "empty_chunks": len(ordered) - len(chunk_infos)})
-    doc = {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "plan_fingerprint": plan.fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"dataset_dir": plan.dataset_dir, "layout": _layout_of(plan)},
-        "config": cfg,
-        "bands": bands, "bands_10m": stored[10], "bands_20m": stored[20], "bands_60m": stored[60],
-        "cell_size_px": {"10m": CELL_SIZE_PX[10], "20m": CELL_SIZE_PX[20], "60m": CELL_SIZE_PX[60]},
-        "normalisation": {"stored": "uint16 reflectance x 10000 at native resolution (lossless)",
-                          "served": "float32 reflectance = value / 10000; 20 m bands bilinearly upsampled x2 "
-                                    "(align_corners=False) to 10 m; order " + " ".join(stored[10] + stored[20]),
-                          "scale": 10000},
-        "cloud_classes": list(CLOUD_CLASSES),
-        "patch_size": int(cfg["patch_size"]), "max_patch_nodata": float(cfg["max_patch_nodata"]),
-        "compression": cfg["compression"],
-        "num_cells": n_cells,
-        "counts": counts,
-        "stats": stats_from_histogram(hist, bands),
-        "chunks": [c.to_dict() for c in chunk_infos],
-        "assignment": {"num_nodes": n_nodes_ok, "rule": "phileo.data.assign_chunks: largest chunk first to the "
-                       "node with the fewest cells; any node count up to the number of chunks works",
-                       "nodes": [[c.index for c in node] for node in assignment],
-                       "cells_per_node": [sum(c.n_cells for c in node) for node in assignment]},
-        "rejected": rejected, "skipped": skipped, "duplicates": plan.duplicates,
-        "not_present_shards": plan.not_present_shards,
-    }
-    if n_nodes_ok < nodes:
-        doc["assignment"]["note"] = (f"asked for {nodes} nodes but only {len(chunk_infos)} chunks exist; "
-                                     f"re-convert with a smaller --cells-per-chunk to use more nodes")
-    atomic_write_json(out / MANIFEST_NAME, doc)
-    return doc
-
-
-def _layout_of(plan: Plan) -> str:
-    for chunk in plan.chunks:
-        for r in chunk:
-            return r.layout
-    return "unknown"
-
-
-def _ranges(xs: Sequence[int]) -> str:
-    out, xs = [], list(xs)
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
-
 
 def convert(cfg: ConvertConfig) -> dict[str, Any]:
     """The local path: plan, convert every chunk with cfg.workers processes, merge. Returns the manifest."""
@@ -908,157 +468,3 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     convert_task(cfg, plan)
     return merge(cfg.out, nodes=cfg.nodes)
 
-
-def verify_chunks(root: str | os.PathLike) -> list[str]:
-    """Re-checksums every chunk listed in root/manifest.json (with the algorithm its checksum names); returns
-    the paths whose checksum differs (empty: OK)."""
-    from phileo.data.manifest import load_manifest
-
-    m = load_manifest(root)
-    return [c.path for c in m.chunks if not checksum_matches(m.chunk_path(c), c.checksum)]
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-def build_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="majortom_to_h5.py",
-        description="Convert MajorTOM Core-S2L2A / FastTOM (parquet shards or the unpacked tree, auto-detected) "
-                    "into HDF5 chunk files and OUT/manifest.json for PhilEO pretraining. Locally: one command. "
-                    "On SLURM: an array of tasks with --array (each converts a disjoint slice), then --merge.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", type=Path, help="folder holding Core-S2L2A/ (or FastTOM's folder), or that folder")
-    p.add_argument("--out", type=Path, required=True, help="output folder (chunks/, manifest.json)")
-    p.add_argument("--nodes", type=int, default=1, help="training nodes the manifest's assignment is made for "
-                   "(any other count up to the number of chunks works at training time)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes; each decodes on two threads while it writes on a third (about two "
-                        "cores' worth when free), so about half the cores is a good number")
-    g = p.add_argument_group("input")
-    g.add_argument("--layout", choices=["parquet", "tree"], default=None, help="force a layout (default: detect)")
-    g.add_argument("--no-metadata", action="store_true",
-                   help="list cells from the shards/tree themselves even when metadata.parquet is present")
-    g.add_argument("--bands", default=",".join(PHILEO_BANDS),
-                   help="comma-separated bands to store (B01 and B09 are 60 m and unused by PhilEO)")
-    g.add_argument("--limit", type=int, default=None, help="convert only the first N cells (trial run)")
-    g.add_argument("--sample", type=int, default=None, help="convert N cells drawn at random (trial run)")
-    g.add_argument("--sample-seed", type=int, default=0)
-    g = p.add_argument_group("thresholds")
-    g.add_argument("--patch-size", type=int, default=128, help="training patch size the validity maps are for")
-    g.add_argument("--max-patch-nodata", type=float, default=0.1,
-                   help="patches with a larger no-data fraction are never served (PhilEO Bench's rule)")
-    g.add_argument("--max-cell-nodata", type=float, default=1.0,
-                   help="skip cells with a larger no-data fraction (cells without any servable patch are "
-                        "always skipped)")
-    g.add_argument("--max-cloud-cover", type=float, default=100.0,
-                   help="skip cells with more thick+thin cloud (percent of valid pixels)")
-    g = p.add_argument_group("output")
-    g.add_argument("--cells-per-chunk", type=int, default=None,
-                   help=f"cells per HDF5 file (default: {DEFAULT_CELLS_PER_CHUNK}, fewer when that would give "
-                        f"less than {CHUNKS_PER_NODE_TARGET} chunks per node)")
-    g.add_argument("--compression", choices=COMPRESSIONS, default="lz4",
-                   help="lossless HDF5 filter (lz4/zstd: Blosc via hdf5plugin; readers need hdf5plugin)")
-    g = p.add_argument_group("SLURM array / steps")
-    g.add_argument("--array", action="store_true",
-                   help="be one task of a job array, index from SLURM_ARRAY_TASK_ID; with --num-tasks N the id "
-                        "is the index (so failed ids can be re-submitted alone), without it the array must be "
-                        "one contiguous range and its size is N; writes a part manifest only")
-    g.add_argument("--task-index", type=int, default=None, help="this task's index (0-based)")
-    g.add_argument("--num-tasks", type=int, default=None, help="number of tasks the chunks are split among")
-    g.add_argument("--merge", action="store_true", help="merge the finished tasks' parts into OUT/manifest.json")
-    g.add_argument("--plan-only", action="store_true",
-                   help="list and chunk the cells (OUT/plan.json), convert nothing: run once before a large "
-                        "array so the tasks do not all list the source")
-    g.add_argument("--verify", action="store_true", help="re-hash the chunks of OUT/manifest.json and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def _array_env(environ: dict[str, str], num_tasks: int | None) -> tuple[int, int]:
-    """(task_index, num_tasks) of this SLURM array task.
-
-    With num_tasks given, the array task id is the task index itself, so a subset can be re-submitted
-    (sbatch --array=17,40 … --array --num-tasks 64). Without it, the array must be one contiguous range
-    (--array=0-63 or 1-64) and its size is the number of tasks.
-    """
-    try:
-        task_id = int(environ["SLURM_ARRAY_TASK_ID"])
-    except KeyError:
-        raise ValueError("--array needs SLURM_ARRAY_TASK_ID (run it inside sbatch --array=0-N); outside SLURM "
-                         "give --task-index and --num-tasks") from None
-    if num_tasks is not None:
-        if not 0 <= task_id < num_tasks:
-            raise ValueError(f"SLURM_ARRAY_TASK_ID={task_id} is not a task index for --num-tasks {num_tasks}: "
-                             f"submit with --array=0-{num_tasks - 1} (or a subset of those ids)")
-        return task_id, num_tasks
-    first = int(environ.get("SLURM_ARRAY_TASK_MIN", task_id))
-    last = int(environ.get("SLURM_ARRAY_TASK_MAX", task_id))
-    count = int(environ.get("SLURM_ARRAY_TASK_COUNT", last - first + 1))
-    step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-    if step != 1 or count != last - first + 1:
-        raise ValueError(f"this array (ids {first}-{last}, {count} tasks) is not one contiguous range, so its "
-                         f"size is not the number of tasks: add --num-tasks N (the total of the full array)")
-    return task_id - first, count
-
-
-def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConfig:
-    """A ConvertConfig from parsed CLI arguments (and the SLURM array variables for --array)."""
-    environ = dict(os.environ if environ is None else environ)
-    task_index, num_tasks = args.task_index, args.num_tasks
-    if args.array:
-        if task_index is not None:
-            raise ValueError("give either --array (index from SLURM) or --task-index, not both")
-        task_index, num_tasks = _array_env(environ, num_tasks)
-    elif (task_index is None) != (num_tasks is None):
-        raise ValueError("--task-index and --num-tasks go together")
-    bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())
-    return ConvertConfig(
-        source=args.source, out=args.out, nodes=args.nodes, workers=args.workers, layout=args.layout,
-        use_metadata=False if args.no_metadata else None, bands=bands, patch_size=args.patch_size,
-        max_patch_nodata=args.max_patch_nodata, max_cell_nodata=args.max_cell_nodata,
-        max_cloud_cover=args.max_cloud_cover, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
-        cells_per_chunk=args.cells_per_chunk, compression=args.compression,
-        task_index=task_index or 0, num_tasks=num_tasks or 1, progress=not args.no_progress)
-
-
-def _summary(doc: dict[str, Any]) -> str:
-    c = doc["counts"]
-    return (f"manifest: {doc['num_cells']} cells in {len(doc['chunks'])} chunks for "
-            f"{doc['assignment']['num_nodes']} node(s); listed {c['listed']}, duplicates dropped "
-            f"{c['duplicates']}, rejected {c['rejected']}, skipped {c['skipped']}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI of preprocess/majortom_to_h5.py; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.verify:
-            bad = verify_chunks(args.out)
-            print("all chunk checksums match" if not bad else f"checksum mismatch: {', '.join(bad)}")
-            return 1 if bad else 0
-        if args.merge:
-            doc = merge(args.out, nodes=args.nodes)
-            print(_summary(doc) + f" -> {args.out / MANIFEST_NAME}")
-            return 0
-        if args.source is None and not (args.out / PLAN_JSON).is_file():
-            parser.error("--source is required (unless OUT already holds a plan)")
-        cfg = config_from_args(args)
-        plan = load_or_make_plan(cfg)
-        if args.plan_only:
-            print(f"plan: {plan.counts['planned']} cells in {len(plan.chunks)} chunks of up to "
-                  f"{plan.cells_per_chunk} ({plan.counts['duplicates']} duplicates dropped) -> "
-                  f"{cfg.out / PLAN_JSON}")
-            return 0
-        part = convert_task(cfg, plan)
-        n = sum(e["n_cells"] for e in part["chunks"])
-        print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(part['chunks'])} chunk(s), {n} cells -> "
-              f"{cfg.out / 'parts' / part_name(cfg.task_index, cfg.num_tasks)}")
-        if cfg.num_tasks == 1:
-            doc = merge(cfg.out, nodes=cfg.nodes)
-            print(_summary(doc) + f" -> {cfg.out / MANIFEST_NAME}")
-        return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -16,11 +16,8 @@ from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
+from phileo.data.chunk_format import FORMAT, MANIFEST_NAME, REFLECTANCE_SCALE, SCHEMA_VERSION, checksum_matches
 from phileo.fsutil import read_json
-
-SCHEMA_VERSION = 1
-FORMAT = "phileo-majortom-h5"
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -151,7 +148,15 @@ def assign_chunks(manifest_or_chunks: Manifest | Sequence[T], num_nodes: int) ->
     return [[chunks[i] for i in sorted(idx)] for idx in nodes]
 
 
-def stats_from_histogram(histogram: np.ndarray, bands: Sequence[str], scale: float = 10000.0) -> dict[str, Any]:
+def verify_chunks(root: str | os.PathLike) -> list[str]:
+    """Re-checksums every chunk listed in root/manifest.json (with the algorithm its checksum names); returns
+    the paths whose checksum differs (empty: OK)."""
+    m = load_manifest(root)
+    return [c.path for c in m.chunks if not checksum_matches(m.chunk_path(c), c.checksum)]
+
+
+def stats_from_histogram(histogram: np.ndarray, bands: Sequence[str],
+                         scale: float = float(REFLECTANCE_SCALE)) -> dict[str, Any]:
     """Per-band mean, std, 1st and 99th percentiles from exact uint16 value histograms (bands × 65536), in
     reflectance (DN / scale). Bin 0 (no-data) must already be excluded. Empty bands give NaN-free zeros."""
     h = np.asarray(histogram, dtype=np.float64)

@@ -1,6 +1,6 @@
 """PretrainDataset: 128 px training patches from the converter's HDF5 chunk files, one node's share at a time.
 
-On disk (schema 1, see README.md, "Preprocessing MajorTOM"): each chunk file holds N cells with `bands_10m` uint16
+On disk (schema 1, documented in phileo.data.chunk_format): each chunk file holds N cells with `bands_10m` uint16
 (N, 4, 1068, 1068), `bands_20m` uint16 (N, 6, 534, 534), `cloud_mask` uint8 (N, 1068, 1068),
 `nodata_count_20m` uint8 (N, 534, 534) and per-cell metadata under `cells/` (grid_cell, product_id, timestamp,
 crs, geotransform, …). A patch reads only its window: 4 × 128² px at 10 m, 6 × 66² px at 20 m (64 plus a
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from phileo.data import geo
-from phileo.data.convert import grid_offsets, valid_offsets_map
+from phileo.data import chunk_format as fmt
+from phileo.data.chunk_format import grid_offsets, valid_offsets_map
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CELL_SIZE_PX, PHILEO_BANDS
 from phileo.data.manifest import ChunkInfo, Manifest, assign_chunks, load_manifest
 
@@ -93,7 +94,7 @@ class PretrainDataset(_Base):
             raise ValueError(f"node_rank must be in [0, num_nodes={num_nodes}), got {node_rank}")
         missing = [b for b in PHILEO_BANDS if b not in m.bands_10m + m.bands_20m]
         if missing or m.bands_10m[:4] != list(BANDS_10M) or m.bands_20m[:6] != list(BANDS_20M):
-            raise ValueError(f"{self.root / 'manifest.json'} stores bands {m.bands}, but pretraining needs "
+            raise ValueError(f"{self.root / fmt.MANIFEST_NAME} stores bands {m.bands}, but pretraining needs "
                              f"{' '.join(PHILEO_BANDS)} (missing: {missing or 'none'}); re-convert without --bands "
                              f"or with all ten")
         if patch_size % 2 or not 2 <= patch_size <= CELL_SIZE_PX[10]:
@@ -115,22 +116,21 @@ class PretrainDataset(_Base):
         same_patch = patch_size == m.patch_size
         for k, c in enumerate(self.chunks):
             with h5py.File(m.chunk_path(c), "r") as f:
-                cells = f["cells"]
-                n = cells["grid_cell"].shape[0]
+                n = f[fmt.GRID_CELL].shape[0]
                 if n != c.n_cells:
                     raise ValueError(f"{m.chunk_path(c)} holds {n} cells but the manifest says {c.n_cells}: the "
                                      f"file was replaced after the merge; re-run the converter with --merge")
                 chunk_of.append(np.full(n, k, np.int32))
                 row_of.append(np.arange(n, dtype=np.int32))
-                gt.append(cells["geotransform"][...])
-                nodata.append(cells["nodata_fraction"][...])
-                grid_cells += [s.decode() if isinstance(s, bytes) else s for s in cells["grid_cell"][...]]
-                product_ids += [s.decode() if isinstance(s, bytes) else s for s in cells["product_id"][...]]
-                for s in cells["crs"][...]:
+                gt.append(f[fmt.GEOTRANSFORM][...])
+                nodata.append(f[fmt.NODATA_FRACTION][...])
+                grid_cells += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.GRID_CELL][...]]
+                product_ids += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.PRODUCT_ID][...]]
+                for s in f[fmt.CRS][...]:
                     s = s.decode() if isinstance(s, bytes) else s
                     crs_idx.append(crs_lookup.setdefault(s, len(crs_lookup)))
                 # Valid grid patches: precomputed by the converter for its patch size, else derived here.
-                grid.append(cells["grid_valid"][...].astype(bool) if same_patch
+                grid.append(f[fmt.GRID_VALID][...].astype(bool) if same_patch
                             else self._grid_from_counts(f, nodata[-1]))
         self._crs_table = [s for s, _ in sorted(crs_lookup.items(), key=lambda kv: kv[1])]
         self._chunk_of = np.concatenate(chunk_of) if chunk_of else np.zeros(0, np.int32)
@@ -224,7 +224,7 @@ class PretrainDataset(_Base):
         f = self._file(k)
         ds = self._dsets.get(k)
         if ds is None:  # entries leave together with their file (see _file)
-            ds = (f["bands_10m"], f["bands_20m"], f["cloud_mask"])
+            ds = (f[fmt.BANDS[10]], f[fmt.BANDS[20]], f[fmt.CLOUD_MASK])
             self._dsets[k] = ds
         return ds
 
@@ -232,7 +232,7 @@ class PretrainDataset(_Base):
         g = len(grid_offsets(self.patch_size))
         out = np.ones((len(nodata), g, g), bool)
         for i in np.flatnonzero(nodata > 0):
-            vmap = valid_offsets_map(f["nodata_count_20m"][i], self.patch_size, self.max_patch_nodata)
+            vmap = valid_offsets_map(f[fmt.NODATA_COUNT_20M][i], self.patch_size, self.max_patch_nodata)
             out[i] = vmap[np.ix_(grid_offsets(self.patch_size) // 2, grid_offsets(self.patch_size) // 2)]
         return out
 
@@ -243,7 +243,7 @@ class PretrainDataset(_Base):
             self._valid_cache.move_to_end(cell)
             return hit
         f = self._file(int(self._chunk_of[cell]))
-        count = f["nodata_count_20m"][int(self._row_of[cell])]
+        count = f[fmt.NODATA_COUNT_20M][int(self._row_of[cell])]
         vmap = valid_offsets_map(count, self.patch_size, self.max_patch_nodata)
         idx = np.flatnonzero(vmap).astype(np.int32)
         self._valid_cache[cell] = idx
@@ -286,8 +286,9 @@ class PretrainDataset(_Base):
         if any(a or b for a, b in pad):
             w20 = np.pad(w20, pad, mode="edge")
         image = np.empty((10, p, p), np.float32)
-        np.divide(b10, np.float32(10000), out=image[:4], casting="unsafe")
-        np.divide(_upsample_interior(w20), np.float32(10000), out=image[4:])
+        scale = np.float32(fmt.REFLECTANCE_SCALE)
+        np.divide(b10, scale, out=image[:4], casting="unsafe")
+        np.divide(_upsample_interior(w20), scale, out=image[4:])
         mask = dmask[row, r:r + p, c:c + p]
         cloud = (np.bincount(mask.ravel(), minlength=4)[:4] / float(p * p)).astype(np.float32)
         lat, lon = geo.lat_lon_of_pixels(self._crs_table[self._crs[cell]], self._geotransform[cell],

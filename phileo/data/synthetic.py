@@ -371,12 +371,14 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
 
     Chunks are small (at most 2 cells, fewer when `nodes` needs it) so that up to `nodes` (<= n_cells) nodes
     can be served. Calling it again with the same arguments reuses the result; other arguments regenerate it.
-    Extra keyword arguments go to `convert.ConvertConfig` (e.g. max_cloud_cover).
+    Extra keyword arguments go to `phileo.data.plan.ConvertConfig` (e.g. max_cloud_cover).
     """
     import json
     import shutil
 
-    from phileo.data.convert import ConvertConfig, convert
+    from phileo.data.chunk_format import MANIFEST_NAME
+    from phileo.data.convert import convert
+    from phileo.data.plan import ConvertConfig
     from phileo.fsutil import atomic_write_json
 
     if not 1 <= nodes <= n_cells:
@@ -385,7 +387,7 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
     shards, source, stamp = out_dir / "shards", out_dir / "source", out_dir / "make_pretrain_shards.json"
     args = {"n_cells": n_cells, "nodes": nodes, "seed": seed,
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(convert_kwargs.items())}}
-    if (shards / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
+    if (shards / MANIFEST_NAME).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
         return shards
     for d in (shards, source):
         shutil.rmtree(d, ignore_errors=True)

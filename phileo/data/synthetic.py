@@ -433,9 +433,11 @@ def reference_image(bands: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: int = 1, seed: int = 0,
-                         workers: int = 1, **convert_kwargs) -> Path:
+                         workers: int = 1, aux: bool = True, **convert_kwargs) -> Path:
     """Generates `n_cells` synthetic cells (parquet layout) under `out_dir/source` and converts them into HDF5
     chunks under `out_dir/shards`; returns that folder (holding manifest.json), ready for `PretrainDataset`.
+    With `aux` (default) the synthetic global building and land-cover rasters are written too
+    (`write_aux_rasters`, under `out_dir/source/aux`) and converted with the cells.
 
     Chunks are small (at most 2 cells, fewer when `nodes` needs it) so that up to `nodes` (<= n_cells) nodes
     can be served. Calling it again with the same arguments reuses the result; other arguments regenerate it.
@@ -453,7 +455,7 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
         raise ValueError(f"nodes must be between 1 and n_cells={n_cells}, got {nodes}")
     out_dir = Path(out_dir)
     shards, source, stamp = out_dir / "shards", out_dir / "source", out_dir / "make_pretrain_shards.json"
-    args = {"n_cells": n_cells, "nodes": nodes, "seed": seed,
+    args = {"n_cells": n_cells, "nodes": nodes, "seed": seed, "aux": aux,
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(convert_kwargs.items())}}
     if (shards / MANIFEST_NAME).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
         return shards
@@ -461,6 +463,9 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
         shutil.rmtree(d, ignore_errors=True)
     # zstd GeoTIFFs: the fastest to encode here; the converter reads any compression.
     write_majortom_parquet(source, n_cells, seed=seed, compress="zstd")
+    if aux:
+        buildings, landcover = write_aux_rasters(source, n_cells, seed=seed)
+        convert_kwargs = {"aux_buildings": buildings, "aux_landcover": landcover, **convert_kwargs}
     cells_per_chunk = convert_kwargs.pop("cells_per_chunk", max(1, min(2, n_cells // nodes)))
     convert(ConvertConfig(source=source, out=shards, nodes=nodes, workers=workers, cells_per_chunk=cells_per_chunk,
                           progress=False, **convert_kwargs))

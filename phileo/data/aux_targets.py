@@ -45,7 +45,7 @@ _CLASS_OF_CODE = np.zeros(256, np.uint8)
 _CLASS_OF_CODE[list(LANDCOVER_CODES)] = np.arange(1, N_LANDCOVER + 1)
 _NO_LANDCOVER = np.eye(1, N_LANDCOVER, dtype=np.float32)[0]  # the published target when the weight is 0
 
-_MARGIN_PX = 2  # source pixels read beyond the footprint, so that resampling at the cell's edge has context
+_MARGIN_PX = 2  # source pixels read beyond the footprint (covers the window's rounding and gives the edge context)
 _FLAGS = {BUILDINGS: "--aux-buildings", LANDCOVER: "--aux-landcover"}
 
 
@@ -143,7 +143,7 @@ class AuxRaster:
         ds = self._dataset()
         w = from_bounds(left, bottom, right, top, transform=ds.transform)
         w = Window(w.col_off - _MARGIN_PX, w.row_off - _MARGIN_PX, w.width + 2 * _MARGIN_PX,
-                   w.height + 2 * _MARGIN_PX).round_offsets(op="floor").round_lengths(op="ceil")
+                   w.height + 2 * _MARGIN_PX).round_offsets().round_lengths()
         try:
             w = w.intersection(Window(0, 0, ds.width, ds.height))
         except WindowError:  # no overlap
@@ -178,7 +178,7 @@ class AuxRaster:
             return
         n = out.shape[0]
         cols, rows = np.meshgrid(np.arange(n) + 0.5, np.arange(n) + 0.5)
-        xs, ys = dst_transform * (cols.ravel(), rows.ravel())
+        xs, ys = dst_transform @ (cols.ravel(), rows.ravel())
         sx, sy = (np.asarray(v).reshape(n, n) for v in transform(crs, self.crs, xs, ys))
         out[~((sx >= left) & (sx <= right) & (sy >= bottom) & (sy <= top))] = self.outside
 

@@ -189,3 +189,16 @@ def test_bad_rasters_are_refused_naming_the_flag(tmp_path, capsys):
     rc = convert_main(["--source", str(tmp_path), "--out", str(tmp_path / "o"),
                        "--aux-buildings", str(tmp_path / "missing.tif")])
     assert rc == 2 and "--aux-buildings" in capsys.readouterr().err
+
+
+def test_launch_preprocess_passes_the_rasters_to_every_stage_as_absolute_paths(tmp_path, monkeypatch):
+    from phileo.launch.preprocess import build_parser, converter_argv
+
+    monkeypatch.chdir(tmp_path)
+    args, extra = build_parser().parse_known_args(["--source", "src", "--out", "out", "--tasks", "2",
+                                                   "--aux-buildings", "b.tif", "--aux-landcover", "l.vrt"])
+    args.workers = 1
+    cmds = converter_argv(args, extra)
+    for argv in [cmds["plan"], *cmds["tasks"]]:
+        i, j = argv.index("--aux-buildings"), argv.index("--aux-landcover")
+        assert argv[i + 1] == str(tmp_path / "b.tif") and argv[j + 1] == str(tmp_path / "l.vrt")

@@ -202,3 +202,21 @@ def test_launch_preprocess_passes_the_rasters_to_every_stage_as_absolute_paths(t
     for argv in [cmds["plan"], *cmds["tasks"]]:
         i, j = argv.index("--aux-buildings"), argv.index("--aux-landcover")
         assert argv[i + 1] == str(tmp_path / "b.tif") and argv[j + 1] == str(tmp_path / "l.vrt")
+
+
+def test_a_vrt_reads_like_its_geotiff(aux_set, tmp_path):
+    _, aux_dir = aux_set
+    tif = aux_dir / "landcover_4326.tif"
+    with rasterio.open(tif) as ds:
+        w, h, gt = ds.width, ds.height, ds.transform.to_gdal()
+    vrt = tmp_path / "landcover.vrt"  # the smallest VRT GDAL accepts: one band, one source (test data)
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>EPSG:4326</SRS>'
+        f'<GeoTransform>{", ".join(map(repr, gt))}</GeoTransform><VRTRasterBand dataType="Byte" band="1">'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{tif}</SourceFilename><SourceBand>1</SourceBand>'
+        f'</SimpleSource></VRTRasterBand></VRTDataset>')
+    spec = cell_spec(1)
+    direct = AuxRaster(tif, "landcover").sample(f"EPSG:{spec.epsg}", spec.geotransform)
+    through_vrt = AuxRaster(vrt, "landcover").sample(f"EPSG:{spec.epsg}", spec.geotransform)
+    np.testing.assert_array_equal(through_vrt, direct)
+    assert len(np.unique(direct)) >= 10

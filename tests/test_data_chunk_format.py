@@ -42,7 +42,8 @@ def test_a_written_chunk_has_exactly_the_schema_1_layout(tmp_path_factory):
     m = load_manifest(out)
     assert m.raw["format"] == fmt.FORMAT and m.schema_version == fmt.SCHEMA_VERSION == 2
     for c in m.chunks:
-        assert c.path == fmt.chunk_relpath(c.index) and (out / fmt.CHUNKS_DIR / fmt.sidecar_name(c.index)).is_file()
+        assert c.path == fmt.chunk_relpath(c.index) == f"chunks/chunk_{c.index:05d}.h5"
+        assert (out / "chunks" / f"chunk_{c.index:05d}.json").is_file() and fmt.sidecar_name(c.index).endswith(".json")
         with h5py.File(m.chunk_path(c), "r") as f:
             ds = _datasets(f)
             assert set(ds) == set(SCHEMA_1) | {"stats/band_histogram", "report"}

@@ -26,7 +26,6 @@ bucket's candidate order and coin flips depend on the seed, bucket and split onl
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import zlib
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from phileo.fsutil import atomic_write_json, read_json
+from phileo.fsutil import atomic_write_json, file_digest, read_json
 
 BANDS = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12")
 NUM_BANDS = len(BANDS)
@@ -385,11 +384,8 @@ def save_published_selection(root: str | Path, task: str, n_shot: int, published
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of the whole file (the n-shot index's fingerprint in result.json)."""
+    return file_digest(path, "sha256")
 
 
 # --------------------------------------------------------------------------------------------------- dataset

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 from phileo.config import ConfigError, apply_overrides, read_yaml_mapping
 from phileo.fsutil import atomic_write_json, atomic_write_text, read_json
+from phileo.ranges import format_ranges
 
 # Grid axis -> config key it sets.
 AXES = {"task": "data.task", "n_shot": "data.n_shot", "lr": "optim.lr", "seed": "train.seed"}
@@ -204,19 +205,10 @@ def expand_sweep(path: str | os.PathLike) -> list[TaskSpec]:
 
 def format_array_spec(indices: Sequence[int], max_parallel: int | None = None) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (+ '%K' with max_parallel): the value of sbatch --array."""
-    idx = sorted(set(int(i) for i in indices))
-    if not idx:
+    spec = format_ranges(indices)
+    if not spec:
         raise SweepError("no array indices to submit")
-    parts = []
-    start = prev = idx[0]
-    for i in idx[1:] + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts) + (f"%{max_parallel}" if max_parallel else "")
+    return spec + (f"%{max_parallel}" if max_parallel else "")
 
 
 def array_range(path: str | os.PathLike) -> str:

@@ -39,7 +39,7 @@ from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, r
 
 def _alloc_blocks(stored: dict[int, list[str]]) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
     """One uint16 (bands, H, W) block per resolution, and band → its plane (for decoding in place)."""
-    blocks = {res: np.empty((len(bs), CELL_SIZE_PX[res], CELL_SIZE_PX[res]), np.uint16)
+    blocks = {res: np.empty((len(bs), CELL_SIZE_PX[res], CELL_SIZE_PX[res]), fmt.BAND_DTYPE)
               for res, bs in stored.items() if bs}
     planes = {b: blocks[res][j] for res, bs in stored.items() for j, b in enumerate(bs)}
     return blocks, planes
@@ -467,7 +467,6 @@ def _progress_bar(cfg: ConvertConfig, total: int, desc: str):
     # In a batch job's log a redraw every few seconds fills the file: refresh rarely when not on a terminal.
     return tqdm(total=total, unit="cell", desc="converting", dynamic_ncols=True,
                 mininterval=0.2 if sys.stderr.isatty() else 30.0)
-
 
 
 def convert(cfg: ConvertConfig) -> dict[str, Any]:

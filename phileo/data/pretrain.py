@@ -152,7 +152,6 @@ class PretrainDataset(_Base):
         n_pos = (CELL_SIZE_PX[10] - patch_size) // 2 + 1
         self._n_pos = n_pos
         grid_all = np.concatenate(grid) if grid else np.zeros((0, 1, 1), bool)
-        self._grid_valid = grid_all
         if random_crop:
             servable = np.ones(len(self._nodata), bool)
             if not same_patch:

@@ -27,6 +27,7 @@ from phileo.launch.preflight import PreflightReport, check_limits, check_run_dir
 from phileo.launch.pretrain import _deep_merge, wait_and_report
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
+from phileo.ranges import format_ranges as _ranges
 
 FINETUNE_FLAG_KEYS = {
     "model": "model.name",
@@ -274,15 +275,3 @@ def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float
               f"(failed.json in each task folder has the traceback)", file=sys.stderr)
         return cli.EXIT_JOB_FAILED
     return cli.EXIT_OK
-
-
-def _ranges(xs: Sequence[int]) -> str:
-    xs = sorted(xs)
-    parts, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            parts.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(parts)

@@ -8,7 +8,6 @@ before writing its result and `result()` waits forever. Here we ask `squeue` whe
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,17 +22,6 @@ ACTIVE_STATES = frozenset({
 
 class JobFailedError(RuntimeError):
     """A SLURM job ended without producing the expected result."""
-
-
-def have_slurm() -> bool:
-    """True when the SLURM client tools are installed and a controller answers."""
-    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        return False
-    try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
 
 
 def job_states(job_id: str | int) -> list[str]:

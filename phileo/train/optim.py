@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -91,10 +90,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 def lr_of(optimizer: torch.optim.Optimizer) -> float:
     """The current LR of the first parameter group."""
     return float(optimizer.param_groups[0]["lr"])
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    return (p for p in model.parameters() if p.requires_grad)
 
 
 __all__ = ["scaled_lr", "param_groups", "build_optimizer", "lr_factor", "build_scheduler", "lr_of"]

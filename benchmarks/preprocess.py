@@ -8,6 +8,8 @@
 (b) Random 128 px training patches/s from the HDF5 chunks (PretrainDataset, one process) vs the reference way:
     open the cell's GeoTIFFs (unpacked tree), decode the whole bands, upsample the 20 m bands, crop.
     Goals: HDF5 >= 50 x reference and >= 500 patches/s per process.
+(c) The cost of the auxiliary targets (--aux-buildings / --aux-landcover, the synthetic global rasters): the
+    converter with vs without them (cells/s, CPU and bytes per cell) and patches/s with vs without the targets.
 
 Prints a Markdown table and writes the figures as JSON (--json). Single-threaded numeric libraries throughout
 (OMP_NUM_THREADS=1, torch 1 thread) so that "per worker" means one core's worth of numeric work.
@@ -34,7 +36,7 @@ import numpy as np  # noqa: E402
 from phileo.data.convert import convert  # noqa: E402
 from phileo.data.plan import ConvertConfig  # noqa: E402
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CLOUD_MASK, PHILEO_BANDS, MajorTOMSource, decode_geotiff  # noqa: E402
-from phileo.data.synthetic import write_majortom_parquet, write_majortom_tree  # noqa: E402
+from phileo.data.synthetic import write_aux_rasters, write_majortom_parquet, write_majortom_tree  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -58,15 +60,22 @@ def floor_decode(source: Path) -> tuple[float, float, int]:
     return time.perf_counter() - t0, cpu_seconds() - c0, len(refs)
 
 
-def converter(source: Path, out: Path, cells_per_chunk: int) -> tuple[float, float, int]:
+def converter(source: Path, out: Path, cells_per_chunk: int, **aux: Path) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
     doc = convert(ConvertConfig(source=source, out=out, nodes=1, workers=1, cells_per_chunk=cells_per_chunk,
-                                progress=False))
+                                progress=False, **aux))
     return time.perf_counter() - t0, cpu_seconds() - c0, doc["num_cells"]
 
 
-def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
+def chunk_bytes_per_cell(shards: Path) -> float:
+    from phileo.data import load_manifest
+
+    m = load_manifest(shards)
+    return sum(c.bytes for c in m.chunks) / sum(c.n_cells for c in m.chunks)
+
+
+def converter_breakdown(source: Path, work: Path, aux: dict[str, Path]) -> dict[str, float]:
     """CPU ms per cell of the converter's steps beyond the floor, each timed alone on the same cells."""
     import h5py
 
@@ -118,6 +127,21 @@ def converter_breakdown(source: Path, work: Path) -> dict[str, float]:
                 np.bincount(band[::fmt.STATS_ROW_STRIDE_20M].ravel(), minlength=fmt.HISTOGRAM_BINS)
 
     timed("no-data, validity, cloud fractions, histograms", checks)
+    rasters = ConvertConfig(source=source, out=work / "breakdown", progress=False, **aux).aux_rasters()
+    for kind, raster in rasters.items():
+        raster.sample(cells[0].crs, cells[0].transform)  # open the dataset outside the timing
+        timed(f"(c) {kind} raster onto the 20 m grid", lambda r=raster: [r.sample(c.crs, c.transform) for c in cells])
+
+    samples = {k: [r.sample(c.crs, c.transform) for c in cells] for k, r in rasters.items()}
+
+    def write_aux():
+        with h5py.File(path, "w") as f:
+            ds = create_pixel_datasets(f, len(cells), stored, cfg.compression, aux_targets=tuple(rasters))
+            for kind, arrays in samples.items():
+                for i, arr in enumerate(arrays):
+                    ds[fmt.AUX_DATASETS[kind]][i] = arr
+
+    timed(f"(c) HDF5 write of the aux datasets ({cfg.compression})", write_aux)
     path.unlink()
     return out
 
@@ -182,18 +206,25 @@ def main(argv=None) -> int:
             write_majortom_parquet(parquet, args.cells, seed=0, cells_per_shard=4, compress="deflate")
         if not (tree / "Core-S2L2A").is_dir():
             write_majortom_tree(tree, args.cells, seed=0, compress="deflate")
+        aux_paths = parquet / "aux" / "build_4326.tif", parquet / "aux" / "landcover_4326.tif"
+        if not all(p.is_file() for p in aux_paths):
+            write_aux_rasters(parquet, args.cells, seed=0)
+        aux = {"aux_buildings": aux_paths[0], "aux_landcover": aux_paths[1]}
         gen_s = time.perf_counter() - t
-        floors, convs = [], []
+        floors, convs, convs_aux = [], [], []
         for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts both sides alike
             floors.append(floor_decode(parquet))
             # One chunk for all cells: per-chunk costs (file close, checksum, merge) spread over its cells as
             # they do over 256 cells on real data.
             convs.append(converter(parquet, work / "shards", cells_per_chunk=args.cells))
+            convs_aux.append(converter(parquet, work / "shards_aux", cells_per_chunk=args.cells, **aux))
         f_wall, f_cpu, n_cells = min(floors)
         c_wall, c_cpu, n_conv = min(convs)
-        breakdown = converter_breakdown(parquet, work)
+        a_wall, a_cpu, n_aux = min(convs_aux)
+        breakdown = converter_breakdown(parquet, work, aux)
         ref_s, ref_n = reference_patches(tree, args.reference_patches)
         h5_s, h5_n = h5_patches(work / "shards", args.patches)
+        h5a_s, h5a_n = h5_patches(work / "shards_aux", args.patches)
         res = {
             "cells": n_cells, "generate_s": round(gen_s, 1),
             "floor_cells_per_s": n_cells / f_wall, "floor_cpu_s_per_cell": f_cpu / n_cells,
@@ -202,7 +233,15 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
             "load_average_1min": os.getloadavg()[0],
             "converter_extra_cpu_ms_per_cell": breakdown,
+            "aux_converter_cells_per_s": n_aux / a_wall, "aux_converter_cpu_s_per_cell": a_cpu / n_aux,
+            "bytes_per_cell": chunk_bytes_per_cell(work / "shards"),
+            "aux_bytes_per_cell": chunk_bytes_per_cell(work / "shards_aux"),
+            "aux_h5_patches_per_s": h5a_n / h5a_s,
         }
+        res["aux_converter_vs_without"] = res["aux_converter_cells_per_s"] / res["converter_cells_per_s"]
+        res["aux_cpu_ms_per_cell_added"] = (res["aux_converter_cpu_s_per_cell"] - res["converter_cpu_s_per_cell"]) * 1e3
+        res["aux_bytes_vs_without"] = res["aux_bytes_per_cell"] / res["bytes_per_cell"]
+        res["aux_patches_vs_without"] = res["aux_h5_patches_per_s"] / res["h5_patches_per_s"]
         res["converter_vs_floor"] = res["converter_cells_per_s"] / res["floor_cells_per_s"]
         res["converter_cpu_vs_floor"] = res["floor_cpu_s_per_cell"] / res["converter_cpu_s_per_cell"]
         res["h5_vs_reference"] = res["h5_patches_per_s"] / res["reference_patches_per_s"]
@@ -219,6 +258,14 @@ def main(argv=None) -> int:
               f"{res['floor_cpu_s_per_cell']:.3f} | {res['converter_cpu_vs_floor']:.2f} | (info) |")
         print(f"| (b) random 128 px patches/s, HDF5 vs reference way | {res['h5_patches_per_s']:.0f} | "
               f"{res['reference_patches_per_s']:.1f} | {res['h5_vs_reference']:.0f} | >= 50, and >= 500/s |")
+        print(f"| (c) converter with vs without aux rasters, cells/s (wall) | {res['aux_converter_cells_per_s']:.2f} | "
+              f"{res['converter_cells_per_s']:.2f} | {res['aux_converter_vs_without']:.2f} | (report) |")
+        print(f"| (c) same, CPU s per cell | {res['aux_converter_cpu_s_per_cell']:.3f} | "
+              f"{res['converter_cpu_s_per_cell']:.3f} | +{res['aux_cpu_ms_per_cell_added']:.1f} ms | (report) |")
+        print(f"| (c) chunk MB per cell | {res['aux_bytes_per_cell'] / 1e6:.2f} | {res['bytes_per_cell'] / 1e6:.2f} | "
+              f"{res['aux_bytes_vs_without']:.2f} | (report) |")
+        print(f"| (c) random 128 px patches/s with vs without aux targets | {res['aux_h5_patches_per_s']:.0f} | "
+              f"{res['h5_patches_per_s']:.0f} | {res['aux_patches_vs_without']:.2f} | (report) |")
         print("\nconverter CPU beyond the floor, ms per cell: " + ", ".join(
             f"{k} {v:.1f}" for k, v in breakdown.items()))
         print(f"load average during the run: {res['load_average_1min']:.1f} on {os.cpu_count()} cores")

@@ -149,15 +149,17 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
     total = 6
     t_start = time.monotonic()
 
-    with Stage(1, total, f"MajorTOM sample: {s.cells} cells in the published parquet layout") as st:
+    with Stage(1, total, f"MajorTOM sample: {s.cells} cells in the published parquet layout, with global "
+                         f"building / land-cover rasters") as st:
         marker = paths["majortom"] / "Core-S2L2A" / "metadata.parquet"
         if marker.exists():
             st.skip(str(paths["majortom"]))
         else:
-            from phileo.data.synthetic import write_majortom_parquet
+            from phileo.data.synthetic import write_aux_rasters, write_majortom_parquet
             tmp = paths["majortom"].with_name(".majortom.partial")
             shutil.rmtree(tmp, ignore_errors=True)
             write_majortom_parquet(tmp, n_cells=s.cells, seed=0)
+            write_aux_rasters(tmp, n_cells=s.cells, seed=0)
             shutil.rmtree(paths["majortom"], ignore_errors=True)
             tmp.rename(paths["majortom"])  # the sample is only ever visible complete
             print(f"    wrote {paths['majortom']}", flush=True)
@@ -166,9 +168,12 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
         if (paths["shards"] / "manifest.json").exists():
             st.skip(str(paths["shards"] / "manifest.json"))
         else:
+            rasters = (("--aux-buildings", "build_4326.tif"), ("--aux-landcover", "landcover_4326.tif"))
+            aux = [a for flag, name in rasters if (paths["majortom"] / "aux" / name).is_file()
+                   for a in (flag, str(paths["majortom"] / "aux" / name))]  # absent in a sample from before them
             _run([py, "jobs/launch_preprocess.py", *_cluster_flags(s), "--source", str(paths["majortom"]),
                   "--out", str(paths["shards"]), "--tasks", str(s.preprocess_tasks), "--train-nodes", "1",
-                  "--wait"], env)
+                  *aux, "--wait"], env)
 
     with Stage(3, total, f"pretrain {s.model}: {s.processes} processes, {s.strategy}, {s.steps} steps "
                          "(jobs/launch_pretrain.py)") as st:

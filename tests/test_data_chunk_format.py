@@ -1,4 +1,5 @@
-"""The on-disk chunk format (phileo.data.chunk_format): the schema-1 layout of a written chunk, checksums, and the
+"""The on-disk chunk format (phileo.data.chunk_format): the layout of a written chunk (schema 2 without auxiliary
+rasters is the schema 1 layout; the aux/ datasets are checked in test_data_aux_targets), checksums, and the
 patch-validity rule the converter and PretrainDataset share."""
 
 import hashlib
@@ -39,7 +40,7 @@ def _datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
 def test_a_written_chunk_has_exactly_the_schema_1_layout(tmp_path_factory):
     out = converted(tmp_path_factory, "parquet")
     m = load_manifest(out)
-    assert m.raw["format"] == fmt.FORMAT and m.schema_version == fmt.SCHEMA_VERSION == 1
+    assert m.raw["format"] == fmt.FORMAT and m.schema_version == fmt.SCHEMA_VERSION == 2
     for c in m.chunks:
         assert c.path == fmt.chunk_relpath(c.index) == f"chunks/chunk_{c.index:05d}.h5"
         assert (out / "chunks" / f"chunk_{c.index:05d}.json").is_file() and fmt.sidecar_name(c.index).endswith(".json")

@@ -45,7 +45,8 @@ def test_items_are_exact_crops_with_their_targets(shards, cells):
         for i in range(len(ds)):
             item = ds[i]
             assert set(item) == {"image", "coords", "lat", "lon", "cloud_fraction", "grid_cell", "product_id",
-                                 "window"}
+                                 "window", "buildings", "buildings_weight", "landcover", "landcover_weight"}
+            assert item["buildings_weight"] == item["landcover_weight"] == 0.0  # converted without aux rasters
             assert item["image"].dtype == np.float32 and item["image"].shape == (10, 128, 128)
             cell = cells[(item["grid_cell"], item["product_id"])]
             r, c = (int(v) for v in item["window"])

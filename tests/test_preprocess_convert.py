@@ -96,13 +96,13 @@ def test_chunks_hold_the_source_cells_at_native_resolution(tmp_path_factory):
             assert f[fmt.NODATA_COUNT_20M][row].sum() / 1068**2 == pytest.approx(expected, abs=1e-6)
             frac = np.bincount(cell.cloud_mask.ravel(), minlength=4)[:4] / cell.cloud_mask.size
             np.testing.assert_allclose(f[fmt.CLOUD_FRACTION][row], frac, atol=1e-6)
-            assert f.attrs[fmt.ATTR_SCHEMA_VERSION] == 1 and json.loads(f.attrs[fmt.ATTR_BANDS[10]]) == list(BANDS_10M)
+            assert f.attrs[fmt.ATTR_SCHEMA_VERSION] == fmt.SCHEMA_VERSION and json.loads(f.attrs[fmt.ATTR_BANDS[10]]) == list(BANDS_10M)
 
 
 def test_manifest_describes_chunks_nodes_and_statistics(tmp_path_factory):
     out = converted(tmp_path_factory, "parquet")
     m = load_manifest(out)
-    assert m.bands == list(PHILEO_BANDS) and m.schema_version == 1
+    assert m.bands == list(PHILEO_BANDS) and m.schema_version == fmt.SCHEMA_VERSION
     assert m.patch_size == 128 and m.max_patch_nodata == 0.1
     assert "10000" in m.raw["normalisation"]["served"]
     for c in m.chunks:

@@ -1,5 +1,5 @@
 """The on-disk format of a converted MajorTOM set: one home for every name, dtype and rule the converter writes
-and PretrainDataset reads (schema 1, `FORMAT` "phileo-majortom-h5").
+and PretrainDataset reads (schema 2, `FORMAT` "phileo-majortom-h5"; schema 1 sets still read, without auxiliary targets).
 
 A converted folder OUT:
 
@@ -21,6 +21,12 @@ A chunk file holds N cells along axis 0 of every dataset; pixels at native resol
     cloud_mask        uint8  (N, 1068, 1068)       tiles (1, 178, 178)      MajorTOM classes 0-3
     nodata_count_20m  uint8  (N, 534, 534)         gzip, one tile a cell    no-data 10 m pixels per 20 m pixel
                                                    (0-4); never written (so all 0) for a cell without no-data
+    aux/buildings_20m      float32 (N, 534, 534)  tiles (1, 89, 89)   building percent 0-100 (average resampling
+                                                   of --aux-buildings onto the cell's 20 m grid); NaN outside the
+                                                   raster's bounds. Only in sets converted with --aux-buildings
+    aux/landcover_20m      uint8  (N, 534, 534)   tiles (1, 89, 89)   ESA WorldCover code (mode resampling of
+                                                   --aux-landcover), 0 = no-data, 255 outside the raster's bounds.
+                                                   Only in sets converted with --aux-landcover
     cells/grid_cell, cells/product_id, cells/timestamp, cells/crs, cells/source     utf-8 strings (N,)
     cells/geotransform     float64 (N, 6)    GDAL geotransform of the 10 m grid, in cells/crs
     cells/nodata_fraction  float32 (N,)      no-data fraction of the cell's 10 m pixels
@@ -32,7 +38,8 @@ A chunk file holds N cells along axis 0 of every dataset; pixels at native resol
     report                 utf-8 JSON {"rejected": [...], "skipped": [...]} (a dataset: may exceed 64 KiB)
 
     file attributes: format, schema_version, chunk_index, plan_fingerprint, bands_10m / bands_20m / bands_60m
-    (JSON lists, the order of the band axis), patch_size, max_patch_nodata, compression
+    (JSON lists, the order of the band axis), patch_size, max_patch_nodata, compression; with auxiliary
+    rasters aux_buildings / aux_landcover (the raster's path, as given)
 
 Bands are in PhilEO order (10 m B02 B03 B04 B08, 20 m B05 B06 B07 B8A B11 B12). Compression is one of
 `COMPRESSIONS` (lz4/zstd are Blosc through hdf5plugin: readers must import hdf5plugin).
@@ -60,7 +67,8 @@ from phileo.data.majortom import CELL_SIZE_PX
 from phileo.fsutil import file_digest
 
 FORMAT = "phileo-majortom-h5"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional aux/ datasets (auxiliary targets, issue 15); otherwise as 1
+READABLE_SCHEMA_VERSIONS = (1, 2)  # a schema 1 set reads as one without auxiliary targets (weights 0)
 PLAN_FORMAT = FORMAT + "-plan"
 PART_FORMAT = FORMAT + "-part"
 
@@ -113,6 +121,12 @@ N_VALID_OFFSETS = f"{CELLS}/n_valid_offsets"
 GRID_VALID = f"{CELLS}/grid_valid"
 CELL_STRINGS = (GRID_CELL, PRODUCT_ID, TIMESTAMP, CRS, SOURCE)  # utf-8 string datasets
 
+AUX = "aux"
+AUX_BUILDINGS = f"{AUX}/buildings_20m"
+AUX_LANDCOVER = f"{AUX}/landcover_20m"
+AUX_DATASETS = {"buildings": AUX_BUILDINGS, "landcover": AUX_LANDCOVER}  # auxiliary target → its dataset
+ATTR_AUX = {"buildings": "aux_buildings", "landcover": "aux_landcover"}  # file attrs: the raster's path
+
 STATS = "stats"
 BAND_HISTOGRAM = f"{STATS}/band_histogram"
 STATS_ATTR_BANDS = "bands"
@@ -134,6 +148,10 @@ CLOUD_MASK_DTYPE = np.uint8
 NODATA_COUNT_DTYPE = np.uint8
 CELL_DTYPES = {GEOTRANSFORM: np.float64, NODATA_FRACTION: np.float32, CLOUD_FRACTION: np.float32,
                N_VALID_OFFSETS: np.int64, GRID_VALID: bool}
+AUX_DTYPES = {AUX_BUILDINGS: np.float32, AUX_LANDCOVER: np.uint8}
+AUX_RESOLUTION_M = 20  # the cell's 20 m grid: crops sit on even 10 m offsets, so a patch covers whole pixels
+BUILDINGS_OUTSIDE = np.float32(np.nan)  # stored where the 20 m pixel lies outside the buildings raster
+LANDCOVER_OUTSIDE = 255  # stored where it lies outside the land-cover raster (WorldCover codes are 0-100)
 HISTOGRAM_BINS = 65536  # one bin per uint16 value
 HISTOGRAM_DTYPE = np.uint32  # enough per chunk: 256 cells x 1068 x 1068 px is 2.9e8 < 2^32
 
@@ -144,6 +162,7 @@ HISTOGRAM_DTYPE = np.uint32  # enough per chunk: 256 cells x 1068 x 1068 px is 2
 H5_TILE_10M = 89
 H5_TILE_20M = 89
 H5_TILE_MASK = 178
+H5_TILE_AUX = 89  # like the 20 m bands: a 128 px patch reads 1-4 tiles of 64 x 64 px
 # Histograms sample every 8th 10 m row and every 4th 20 m row (the same 80 m spacing): exact counts of a
 # regular 1/8 sample, at a fraction of the cost of counting every pixel of every cell.
 STATS_ROW_STRIDE_10M = 8

@@ -48,6 +48,12 @@ def build_parser():
     g.add_argument("--limit", type=int, default=None, help="convert only the first N cells (trial run)")
     g.add_argument("--sample", type=int, default=None, help="convert N cells drawn at random (trial run)")
     g.add_argument("--sample-seed", type=int, default=0)
+    g.add_argument("--aux-buildings", type=Path, default=None, metavar="RASTER",
+                   help="global building-percent raster (0-100; GeoTIFF or VRT, any CRS, e.g. build_4326.tif): "
+                        "stored per cell on its 20 m grid for the buildings pretraining target")
+    g.add_argument("--aux-landcover", type=Path, default=None, metavar="RASTER",
+                   help="global ESA WorldCover raster (codes 10-100, 0 = no-data; GeoTIFF or VRT, any CRS, e.g. "
+                        "landcover_4326.tif): stored per cell on its 20 m grid for the land-cover target")
     g = p.add_argument_group("thresholds")
     g.add_argument("--patch-size", type=int, default=128, help="training patch size the validity maps are for")
     g.add_argument("--max-patch-nodata", type=float, default=0.1,
@@ -122,7 +128,8 @@ def config_from_args(args, environ: dict[str, str] | None = None) -> ConvertConf
         use_metadata=False if args.no_metadata else None, bands=bands, patch_size=args.patch_size,
         max_patch_nodata=args.max_patch_nodata, max_cell_nodata=args.max_cell_nodata,
         max_cloud_cover=args.max_cloud_cover, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
-        cells_per_chunk=args.cells_per_chunk, compression=args.compression,
+        cells_per_chunk=args.cells_per_chunk, compression=args.compression, aux_buildings=args.aux_buildings,
+        aux_landcover=args.aux_landcover,
         task_index=task_index or 0, num_tasks=num_tasks or 1, progress=not args.no_progress)
 
 

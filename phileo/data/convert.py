@@ -121,8 +121,9 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
     t0 = time.time()
     with atomic_path(out_dir / fmt.chunk_name(index)) as tmp:
         with h5py.File(tmp, "w") as f:
-            pixels = create_pixel_datasets(f, len(refs), stored, cfg.compression)
-            n, rejected, skipped = _convert_cells(refs, cfg, dataset_dir, pixels, hist, meta, on_cell)
+            aux = cfg.aux_rasters()
+            pixels = create_pixel_datasets(f, len(refs), stored, cfg.compression, aux_targets=tuple(aux))
+            n, rejected, skipped = _convert_cells(refs, cfg, dataset_dir, pixels, hist, meta, on_cell, aux)
             for d in pixels.values():
                 d.resize(n, axis=0)
             _write_cell_metadata(f, meta, n, len(grid_offsets(cfg.patch_size)))
@@ -136,7 +137,8 @@ def convert_chunk(index: int, refs: Sequence[CellRef], cfg_dict: dict[str, Any],
                             fmt.ATTR_CHUNK_INDEX: index, fmt.ATTR_PLAN_FINGERPRINT: fingerprint,
                             **{fmt.ATTR_BANDS[res]: json.dumps(stored[res]) for res in fmt.RESOLUTIONS_M},
                             fmt.ATTR_PATCH_SIZE: cfg.patch_size, fmt.ATTR_MAX_PATCH_NODATA: cfg.max_patch_nodata,
-                            fmt.ATTR_COMPRESSION: cfg.compression})
+                            fmt.ATTR_COMPRESSION: cfg.compression,
+                            **{fmt.ATTR_AUX[k]: str(r.path) for k, r in aux.items()}})
         checksum = fmt.file_checksum(tmp)
         size = tmp.stat().st_size
     entry = _sidecar(index, n, len(refs), checksum, size, int(np.sum(meta[fmt.GRID_VALID])), fingerprint, rejected,
@@ -153,9 +155,10 @@ def _sidecar(index: int, n_cells: int, planned: int, checksum: str, size: int, n
             "rejected": rejected, "skipped": skipped, "seconds": seconds}
 
 
-def create_pixel_datasets(f, n_rows: int, stored: dict[int, list[str]], compression: str) -> dict[str, Any]:
-    """The per-cell pixel datasets of a chunk (bands by resolution, cloud mask, no-data counts) with `n_rows`
-    rows, resizable along the cell axis; by name."""
+def create_pixel_datasets(f, n_rows: int, stored: dict[int, list[str]], compression: str,
+                          aux_targets: Sequence[str] = ()) -> dict[str, Any]:
+    """The per-cell pixel datasets of a chunk (bands by resolution, cloud mask, no-data counts, and the aux/
+    datasets of `aux_targets`) with `n_rows` rows, resizable along the cell axis; by name."""
     flt = fmt.h5_filter(compression)
     n10, n20, n60 = (CELL_SIZE_PX[r] for r in fmt.RESOLUTIONS_M)
     tiles = {10: fmt.H5_TILE_10M, 20: fmt.H5_TILE_20M, 60: n60}
@@ -174,19 +177,22 @@ def create_pixel_datasets(f, n_rows: int, stored: dict[int, list[str]], compress
                                   (fmt.H5_TILE_MASK, fmt.H5_TILE_MASK), **flt)
     out[fmt.NODATA_COUNT_20M] = dataset(fmt.NODATA_COUNT_20M, (n20, n20), fmt.NODATA_COUNT_DTYPE, (n20, n20),
                                         compression="gzip", compression_opts=1)
+    for target in aux_targets:
+        name = fmt.AUX_DATASETS[target]
+        out[name] = dataset(name, (n20, n20), fmt.AUX_DTYPES[name], (fmt.H5_TILE_AUX, fmt.H5_TILE_AUX), **flt)
     return out
 
 
 def _convert_cells(refs: Sequence[CellRef], cfg: ConvertConfig, dataset_dir: str, pixels: dict[str, Any],
-                   hist: np.ndarray, meta: dict[str, list],
-                   on_cell: Callable[[int], None] | None) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+                   hist: np.ndarray, meta: dict[str, list], on_cell: Callable[[int], None] | None,
+                   aux: dict[str, Any] | None = None) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
     """Decodes, checks and writes the chunk's cells in plan order; returns (cells written, rejected, skipped)."""
     stored = cfg.stored_bands
     source = MajorTOMSource(cfg.source, layout=refs[0].layout if refs else cfg.layout, use_metadata=False)
     rejected: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     n = 0
-    pre = _Prefetcher(source, refs, stored, check=lambda cell, blocks: _check_cell(cell, blocks, stored, cfg))
+    pre = _Prefetcher(source, refs, stored, check=lambda cell, blocks: _check_cell(cell, blocks, stored, cfg, aux))
     try:
         for ref, item, blocks, checked in pre:
             where = ref.describe(dataset_dir)
@@ -220,9 +226,10 @@ def _write_cell_metadata(f, meta: dict[str, list], n: int, grid: int) -> None:
 
 
 def _check_cell(cell: Cell, blocks: dict[int, np.ndarray], stored: dict[int, list[str]],
-                cfg: ConvertConfig) -> dict[str, Any] | str:
+                cfg: ConvertConfig, aux: dict[str, Any] | None = None) -> dict[str, Any] | str:
     """Checks one decoded cell against the thresholds (on a decoder thread): a skip reason, or what
-    _write_cell stores (the blocks, no-data counts, fractions, validity and the cell's histogram rows)."""
+    _write_cell stores (the blocks, no-data counts, fractions, validity, the cell's histogram rows and the
+    auxiliary rasters `aux` sampled onto its 20 m grid)."""
     b10 = _block(blocks, 10, cell, stored)
     b20 = _block(blocks, 20, cell, stored)
     count = nodata_count_20m(b10, b20)
@@ -264,7 +271,8 @@ def _check_cell(cell: Cell, blocks: dict[int, np.ndarray], stored: dict[int, lis
         hist.append(np.bincount(cell.bands[b].ravel(), minlength=fmt.HISTOGRAM_BINS).astype(fmt.HISTOGRAM_DTYPE))
     return {"b10": b10, "b20": b20, "b60": _block(blocks, 60, cell, stored), "count": count, "hist": hist,
             "nodata_fraction": nodata_fraction, "cloud_fraction": cloud_fraction, "n_valid": n_valid,
-            "grid_valid": grid_valid(vmap, cfg.patch_size)}
+            "grid_valid": grid_valid(vmap, cfg.patch_size),
+            "aux": {fmt.AUX_DATASETS[k]: r.sample(cell.crs, cell.transform) for k, r in (aux or {}).items()}}
 
 
 def _write_cell(cell: Cell, checked: dict[str, Any], n: int, pixels: dict[str, Any], hist: np.ndarray,
@@ -274,6 +282,8 @@ def _write_cell(cell: Cell, checked: dict[str, Any], n: int, pixels: dict[str, A
         if fmt.BANDS[res] in pixels:
             pixels[fmt.BANDS[res]][n] = checked[key]
     pixels[fmt.CLOUD_MASK][n] = cell.cloud_mask
+    for name, arr in checked["aux"].items():
+        pixels[name][n] = arr
     if checked["count"] is not None:
         pixels[fmt.NODATA_COUNT_20M][n] = checked["count"]
     for j, h in enumerate(checked["hist"]):

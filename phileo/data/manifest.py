@@ -16,7 +16,8 @@ from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
-from phileo.data.chunk_format import FORMAT, MANIFEST_NAME, REFLECTANCE_SCALE, SCHEMA_VERSION, checksum_matches
+from phileo.data.chunk_format import (FORMAT, MANIFEST_NAME, READABLE_SCHEMA_VERSIONS, REFLECTANCE_SCALE,
+                                     SCHEMA_VERSION, checksum_matches)
 from phileo.fsutil import read_json
 
 
@@ -94,8 +95,9 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _manifest_error(path, f"is not a {FORMAT} manifest")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema_version {version}, this code reads version {SCHEMA_VERSION}: "
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{path} has schema_version {version}, this code reads versions "
+                         f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))} (writes {SCHEMA_VERSION}): "
                          f"re-convert the data with this version of preprocess/majortom_to_h5.py (into a new "
                          f"--out folder), or use the code version that wrote it")
     try:

@@ -32,7 +32,8 @@ class ConvertConfig:
     """Everything that decides what the converter writes (plus how fast: workers, progress).
 
     Refused when built: unknown bands, a band listed twice, patch sizes that are not even or do not fit in a
-    cell, fractions outside [0, 1], limit together with sample, impossible task indices.
+    cell, fractions outside [0, 1], limit together with sample, impossible task indices, auxiliary rasters that
+    do not open as single-band rasters with a CRS (phileo.data.aux_targets.AuxRaster).
     """
 
     source: Path | None
@@ -51,6 +52,8 @@ class ConvertConfig:
     sample_seed: int = 0
     cells_per_chunk: int | None = None       # None: auto
     compression: str = "lz4"
+    aux_buildings: Path | None = None        # global building-percent raster (GeoTIFF/VRT, any CRS)
+    aux_landcover: Path | None = None        # global ESA WorldCover raster
     task_index: int = 0
     num_tasks: int = 1
     progress: bool = True
@@ -59,6 +62,9 @@ class ConvertConfig:
         self.out = Path(self.out)
         self.source = Path(self.source) if self.source is not None else None
         self.bands = tuple(self.bands)
+        self.aux_buildings = Path(self.aux_buildings) if self.aux_buildings is not None else None
+        self.aux_landcover = Path(self.aux_landcover) if self.aux_landcover is not None else None
+        self.aux_rasters()  # refuses an unreadable raster now, naming its flag, before any cell is listed
         unknown = [b for b in self.bands if b not in BAND_RESOLUTION_M]
         if unknown:
             raise ValueError(f"unknown band(s) {unknown}: MajorTOM S2L2A bands are {', '.join(ALL_BANDS)}")
@@ -93,9 +99,18 @@ class ConvertConfig:
         order = list(PHILEO_BANDS) + list(BANDS_60M)
         return {res: [b for b in order if b in self.bands and BAND_RESOLUTION_M[b] == res] for res in (10, 20, 60)}
 
+    def aux_rasters(self):
+        """{target: phileo.data.aux_targets.AuxRaster} of the auxiliary rasters given (empty without)."""
+        from phileo.data.aux_targets import open_aux_rasters
+
+        return open_aux_rasters(self.aux_buildings, self.aux_landcover)
+
     def content_fingerprint(self) -> dict[str, Any]:
-        """The arguments that decide what is written (not how fast or by which task)."""
-        return {"source": str(self.source.absolute()) if self.source else None, "layout": self.layout,
+        """The arguments that decide what is written (not how fast or by which task). The auxiliary rasters
+        appear only when given, so plans made without them keep their fingerprint."""
+        aux = {f"aux_{k}": str(p.absolute()) for k, p in (("buildings", self.aux_buildings),
+                                                           ("landcover", self.aux_landcover)) if p is not None}
+        return {**aux, "source": str(self.source.absolute()) if self.source else None, "layout": self.layout,
                 "use_metadata": self.use_metadata, "bands": list(self.bands), "patch_size": self.patch_size,
                 "max_patch_nodata": self.max_patch_nodata, "max_cell_nodata": self.max_cell_nodata,
                 "max_cloud_cover": self.max_cloud_cover, "limit": self.limit, "sample": self.sample,
@@ -233,6 +248,10 @@ def load_or_make_plan(cfg: ConvertConfig) -> Plan:
         if cfg.source is None:  # resuming from OUT alone: the plan knows the source
             want["source"] = have.get("source")
             cfg.source = Path(have["source"]) if have.get("source") else None
+            for key in ("aux_buildings", "aux_landcover"):  # and its auxiliary rasters
+                if have.get(key) and getattr(cfg, key) is None:
+                    want[key] = have[key]
+                    setattr(cfg, key, Path(have[key]))
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             details = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)

@@ -1,10 +1,11 @@
 """PretrainDataset: 128 px training patches from the converter's HDF5 chunk files, one node's share at a time.
 
-On disk (schema 1, documented in phileo.data.chunk_format): each chunk file holds N cells with `bands_10m` uint16
+On disk (schema 2, documented in phileo.data.chunk_format; schema 1 sets read without auxiliary targets): each chunk file holds N cells with `bands_10m` uint16
 (N, 4, 1068, 1068), `bands_20m` uint16 (N, 6, 534, 534), `cloud_mask` uint8 (N, 1068, 1068),
 `nodata_count_20m` uint8 (N, 534, 534) and per-cell metadata under `cells/` (grid_cell, product_id, timestamp,
 crs, geotransform, …). A patch reads only its window: 4 × 128² px at 10 m, 6 × 66² px at 20 m (64 plus a
-one-pixel margin, so the bilinear upsampling equals that of the whole band), 128² px of the mask.
+one-pixel margin, so the bilinear upsampling equals that of the whole band), 128² px of the mask, and 64² px of
+each auxiliary dataset (aux/buildings_20m, aux/landcover_20m) the set holds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from phileo.data import geo
+from phileo.data import aux_targets, geo
 from phileo.data import chunk_format as fmt
 from phileo.data.chunk_format import grid_offsets, valid_offsets_map
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CELL_SIZE_PX, PHILEO_BANDS
@@ -71,7 +72,12 @@ class PretrainDataset(_Base):
     (20 m bands bilinearly upsampled); `coords` float32 (4,) sin/cos encoding of the patch centre; `lat`,
     `lon` (float, degrees) of the patch centre from the cell's CRS and geotransform; `cloud_fraction` float32
     (4,) of mask classes 0-3 in the patch; `grid_cell`, `product_id` (str); `window` int64 (2,) =
-    (row_off, col_off) in 10 m pixels. Collatable by torch's default collate.
+    (row_off, col_off) in 10 m pixels; the auxiliary targets (phileo.data.aux_targets, the published
+    semantics) `buildings` float32 (building percent mean / 100), `buildings_weight` float32 (1 when the patch
+    lies within the buildings raster, else 0), `landcover` float32 (11,) (class fractions over the non-zero
+    pixels), `landcover_weight` float32 (their fraction; 0 when none): every weight 0 in chunks converted
+    without --aux-buildings / --aux-landcover (schema 1 sets included). `aux_targets` names the targets some
+    chunk of this node holds. Collatable by torch's default collate.
 
     h5py files are opened lazily in whichever process reads (DataLoader workers included), at most
     `max_open_files` at a time, and closed by `close()`. Refuses: a missing/invalid manifest, node_rank out
@@ -110,6 +116,7 @@ class PretrainDataset(_Base):
 
         # Per-cell metadata of this node, in compact arrays (cheap to copy into DataLoader workers).
         chunk_of, row_of, gt, nodata, grid = [], [], [], [], []
+        self._chunk_aux: list[tuple[str, ...]] = []  # the auxiliary targets each chunk holds
         grid_cells, product_ids, crs_idx = [], [], []
         self._crs_table: list[str] = []
         crs_lookup: dict[str, int] = {}
@@ -120,6 +127,7 @@ class PretrainDataset(_Base):
                 if n != c.n_cells:
                     raise ValueError(f"{m.chunk_path(c)} holds {n} cells but the manifest says {c.n_cells}: the "
                                      f"file was replaced after the merge; re-run the converter with --merge")
+                self._chunk_aux.append(tuple(t for t, name in fmt.AUX_DATASETS.items() if name in f))
                 chunk_of.append(np.full(n, k, np.int32))
                 row_of.append(np.arange(n, dtype=np.int32))
                 gt.append(f[fmt.GEOTRANSFORM][...])
@@ -132,6 +140,7 @@ class PretrainDataset(_Base):
                 # Valid grid patches: precomputed by the converter for its patch size, else derived here.
                 grid.append(f[fmt.GRID_VALID][...].astype(bool) if same_patch
                             else self._grid_from_counts(f, nodata[-1]))
+        self.aux_targets = frozenset(t for ts in self._chunk_aux for t in ts)
         self._crs_table = [s for s, _ in sorted(crs_lookup.items(), key=lambda kv: kv[1])]
         self._chunk_of = np.concatenate(chunk_of) if chunk_of else np.zeros(0, np.int32)
         self._row_of = np.concatenate(row_of) if row_of else np.zeros(0, np.int32)
@@ -218,11 +227,13 @@ class PretrainDataset(_Base):
         return f
 
     def _datasets(self, k: int):
-        """(bands_10m, bands_20m, cloud_mask) of chunk k; h5py objects cached with the open file."""
+        """(bands_10m, bands_20m, cloud_mask, {aux target: dataset}) of chunk k; h5py objects cached with the
+        open file."""
         f = self._file(k)
         ds = self._dsets.get(k)
         if ds is None:  # entries leave together with their file (see _file)
-            ds = (f[fmt.BANDS[10]], f[fmt.BANDS[20]], f[fmt.CLOUD_MASK])
+            ds = (f[fmt.BANDS[10]], f[fmt.BANDS[20]], f[fmt.CLOUD_MASK],
+                  {t: f[fmt.AUX_DATASETS[t]] for t in self._chunk_aux[k]})
             self._dsets[k] = ds
         return ds
 
@@ -270,7 +281,7 @@ class PretrainDataset(_Base):
     def __getitem__(self, index: int) -> dict[str, Any]:
         cell, r, c = self.crop_offset(int(index))
         p = self.patch_size
-        d10, d20, dmask = self._datasets(int(self._chunk_of[cell]))
+        d10, d20, dmask, daux = self._datasets(int(self._chunk_of[cell]))
         row = int(self._row_of[cell])
         b10 = d10[row, :4, r:r + p, c:c + p]
         # 20 m window with a one-pixel margin (edge-replicated at the cell border, as whole-band upsampling
@@ -294,7 +305,21 @@ class PretrainDataset(_Base):
         lat, lon = float(lat), float(lon)
         return {"image": image, "coords": geo.encode_coords(lat, lon), "lat": lat, "lon": lon,
                 "cloud_fraction": cloud, "grid_cell": str(self._grid_cell[cell]),
-                "product_id": str(self._product_id[cell]), "window": np.array([r, c], dtype=np.int64)}
+                "product_id": str(self._product_id[cell]), "window": np.array([r, c], dtype=np.int64),
+                **self._aux_items(daux, row, r2, c2, h)}
+
+    @staticmethod
+    def _aux_items(daux: dict[str, Any], row: int, r2: int, c2: int, h: int) -> dict[str, Any]:
+        """The auxiliary target keys of a patch whose 20 m window is (r2, c2, h x h); weight 0 for a target its
+        chunk does not hold."""
+        out = aux_targets.no_targets()
+        if "buildings" in daux:
+            out["buildings"], out["buildings_weight"] = aux_targets.buildings_target(
+                daux["buildings"][row, r2:r2 + h, c2:c2 + h])
+        if "landcover" in daux:
+            out["landcover"], out["landcover_weight"] = aux_targets.landcover_target(
+                daux["landcover"][row, r2:r2 + h, c2:c2 + h])
+        return out
 
     def __repr__(self) -> str:
         return (f"PretrainDataset({str(self.root)!r}, node {self.node_rank}/{self.num_nodes}: {len(self.chunks)} "

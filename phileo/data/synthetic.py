@@ -352,6 +352,74 @@ def write_majortom_tree(root: str | os.PathLike, n_cells: int, seed: int = 0, *,
     return out
 
 
+AUX_RESOLUTION_DEG = 0.0005  # ~55 m: a 128 px patch covers ~20 x 20+ pixels of the synthetic global rasters
+_AUX_TILE_PX = 1024
+_AUX_MARGIN_DEG = 0.02
+_LANDCOVER_BLOCK_DEG = 0.01  # ~1.1 km land-cover blocks: a patch mixes a few classes
+
+
+def synthetic_buildings(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Building percent (uint8 0-100) of the synthetic global raster at these coordinates: smooth bumps a few km
+    wide with building-free gaps, a pure function of the coordinates (so overlapping cells agree)."""
+    u = np.sin(np.radians(lon) * 4000.0) * np.cos(np.radians(lat) * 3100.0)
+    v = np.sin(np.radians(lon + lat) * 1700.0)
+    return np.clip(70.0 * (u + 0.6 * v), 0, 100).astype(np.uint8)
+
+
+def synthetic_landcover(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """WorldCover code (uint8; 0 = no-data in about one block of twelve) of the synthetic global raster: blocks of
+    _LANDCOVER_BLOCK_DEG, each one class drawn by an integer hash of the block."""
+    from phileo.data.aux_targets import LANDCOVER_CODES
+
+    i = np.floor(lat / _LANDCOVER_BLOCK_DEG).astype(np.int64)
+    j = np.floor(lon / _LANDCOVER_BLOCK_DEG).astype(np.int64)
+    h = ((i * 73856093) ^ (j * 19349663)) % 1000003 % (len(LANDCOVER_CODES) + 1)
+    return np.array((0,) + LANDCOVER_CODES, np.uint8)[h]
+
+
+def write_aux_rasters(root: str | os.PathLike, n_cells: int, seed: int = 0, *, first_index: int = 0,
+                      nodata_every: int = 3) -> tuple[Path, Path]:
+    """Writes the auxiliary global rasters the published pretraining reads, for synthetic cells `first_index` …:
+    `root/aux/build_4326.tif` (building percent) and `root/aux/landcover_4326.tif` (WorldCover codes).
+
+    Both are global EPSG:4326 GeoTIFFs at AUX_RESOLUTION_DEG, tiled and sparse: only the tiles around the cells
+    are stored (~3 MB each, mostly the tile index); the rest reads as 0 (no-data, no buildings). Returns
+    (buildings path, land-cover path).
+    """
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    from phileo.fsutil import atomic_path
+
+    out = Path(root) / "aux"
+    out.mkdir(parents=True, exist_ok=True)
+    res = AUX_RESOLUTION_DEG
+    width, height = round(360 / res), round(180 / res)
+    windows = []
+    for i in range(first_index, first_index + n_cells):
+        spec = cell_spec(i, seed, nodata_every)
+        n = CELL_SIZE_PX[10]
+        lat, lon = geo.lat_lon_of_pixels(f"EPSG:{spec.epsg}", spec.geotransform, [0, 0, n, n], [0, n, 0, n])
+        c0 = max(int(math.floor((lon.min() - _AUX_MARGIN_DEG + 180) / res)), 0)
+        c1 = min(int(math.ceil((lon.max() + _AUX_MARGIN_DEG + 180) / res)), width)
+        r0 = max(int(math.floor((90 - lat.max() - _AUX_MARGIN_DEG) / res)), 0)
+        r1 = min(int(math.ceil((90 - lat.min() + _AUX_MARGIN_DEG) / res)), height)
+        windows.append(Window(c0, r0, c1 - c0, r1 - r0))
+    paths = (out / "build_4326.tif", out / "landcover_4326.tif")
+    for path, field in zip(paths, (synthetic_buildings, synthetic_landcover)):
+        with atomic_path(path, fsync=False) as tmp:
+            with rasterio.open(tmp, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                               crs="EPSG:4326", transform=from_origin(-180, 90, res, res), tiled=True,
+                               blockxsize=_AUX_TILE_PX, blockysize=_AUX_TILE_PX, compress="deflate",
+                               sparse_ok=True, bigtiff="YES") as ds:
+                for w in windows:
+                    rows = 90 - (w.row_off + np.arange(w.height) + 0.5) * res
+                    cols = (w.col_off + np.arange(w.width) + 0.5) * res - 180
+                    ds.write(field(rows[:, None], cols[None, :]), 1, window=w)
+    return paths
+
+
 def reference_image(bands: dict[str, np.ndarray]) -> np.ndarray:
     """The whole cell as PhilEO serves it: float32 (10, 1068, 1068) reflectance / 10000 in PHILEO_BANDS order,
     20 m bands bilinearly upsampled ×2 (align_corners=False). The straightforward way, for checking crops."""
@@ -365,9 +433,11 @@ def reference_image(bands: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: int = 1, seed: int = 0,
-                         workers: int = 1, **convert_kwargs) -> Path:
+                         workers: int = 1, aux: bool = True, **convert_kwargs) -> Path:
     """Generates `n_cells` synthetic cells (parquet layout) under `out_dir/source` and converts them into HDF5
     chunks under `out_dir/shards`; returns that folder (holding manifest.json), ready for `PretrainDataset`.
+    With `aux` (default) the synthetic global building and land-cover rasters are written too
+    (`write_aux_rasters`, under `out_dir/source/aux`) and converted with the cells.
 
     Chunks are small (at most 2 cells, fewer when `nodes` needs it) so that up to `nodes` (<= n_cells) nodes
     can be served. Calling it again with the same arguments reuses the result; other arguments regenerate it.
@@ -385,7 +455,7 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
         raise ValueError(f"nodes must be between 1 and n_cells={n_cells}, got {nodes}")
     out_dir = Path(out_dir)
     shards, source, stamp = out_dir / "shards", out_dir / "source", out_dir / "make_pretrain_shards.json"
-    args = {"n_cells": n_cells, "nodes": nodes, "seed": seed,
+    args = {"n_cells": n_cells, "nodes": nodes, "seed": seed, "aux": aux,
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(convert_kwargs.items())}}
     if (shards / MANIFEST_NAME).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
         return shards
@@ -393,6 +463,9 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
         shutil.rmtree(d, ignore_errors=True)
     # zstd GeoTIFFs: the fastest to encode here; the converter reads any compression.
     write_majortom_parquet(source, n_cells, seed=seed, compress="zstd")
+    if aux:
+        buildings, landcover = write_aux_rasters(source, n_cells, seed=seed)
+        convert_kwargs = {"aux_buildings": buildings, "aux_landcover": landcover, **convert_kwargs}
     cells_per_chunk = convert_kwargs.pop("cells_per_chunk", max(1, min(2, n_cells // nodes)))
     convert(ConvertConfig(source=source, out=shards, nodes=nodes, workers=workers, cells_per_chunk=cells_per_chunk,
                           progress=False, **convert_kwargs))
@@ -401,4 +474,4 @@ def make_pretrain_shards(out_dir: str | os.PathLike, n_cells: int = 8, nodes: in
 
 
 __all__ = ["CellSpec", "Faults", "cell_spec", "synthetic_cell", "encode_geotiff", "write_majortom_parquet",
-           "write_majortom_tree", "make_pretrain_shards", "reference_image"]
+           "write_majortom_tree", "write_aux_rasters", "make_pretrain_shards", "reference_image"]

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None,
                    help="converter worker processes per task (default: about 2/3 of the task's cores)")
     g.add_argument("--log-dir", default=None, help="job scripts and logs (default: OUT/logs)")
+    g.add_argument("--aux-buildings", default=None, metavar="RASTER",
+                   help="global building-percent raster for the buildings pretraining target (converter flag)")
+    g.add_argument("--aux-landcover", default=None, metavar="RASTER",
+                   help="global ESA WorldCover raster for the land-cover pretraining target (converter flag)")
     cli.add_run_args(p)
     return p
 
@@ -62,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 def converter_argv(args: argparse.Namespace, extra: Sequence[str], python: str = sys.executable) -> dict[str, Any]:
     """The converter command lines of the three stages: {"plan": argv, "tasks": [argv ...], "merge": argv}."""
     src, out = str(Path(args.source).absolute()), str(Path(args.out).absolute())
+    aux = [a for flag, path in (("--aux-buildings", getattr(args, "aux_buildings", None)),
+                                ("--aux-landcover", getattr(args, "aux_landcover", None))) if path
+           for a in (flag, str(Path(path).absolute()))]  # absolute: the tasks run elsewhere
     base = [python, str(CONVERTER), "--source", src, "--out", out, "--nodes", str(args.train_nodes),
-            "--no-progress", *extra]
+            "--no-progress", *aux, *extra]
     return {
         "plan": base + ["--plan-only"],
         "tasks": [base + ["--task-index", str(i), "--num-tasks", str(args.tasks), "--workers",

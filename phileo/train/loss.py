@@ -10,8 +10,8 @@ Terms (each logged as loss/<term>; the total is their weighted sum with the weig
     reconstruction      MSE between each view's reconstruction and its target, averaged over both views
     coords              MSE of the 4 sin/cos coordinate values in [0, 1]
     clouds              soft cross-entropy of the 4 cloud-class logits against the cloud-class fractions
-    buildings           MSE of the building fraction, each sample weighted by its valid-pixel fraction (optional)
-    landcover           soft cross-entropy against the 11 land-cover fractions, weighted likewise (optional)
+    buildings           MSE of the building fraction, each sample weighted by its `buildings_weight` (optional)
+    landcover           soft cross-entropy against the 11 land-cover fractions, by `landcover_weight` (optional)
     embedding_positive  1 - cos(e1, e2) between the two views of a sample
     embedding_negative  max(0, cos(e1, e2')) with e2' the other view of *another* sample of the batch
     embedding_distance  mean Euclidean distance between e1 and e2
@@ -106,8 +106,9 @@ class FoundationLoss(torch.nn.Module):
     forward(outputs, targets, n_views=2) takes the model's output dict for the (n_views·B) stacked views
     (`reconstruction`, `embedding`, `coords`, `clouds` logits, and `buildings`/`landcover` when those targets are
     given) and the targets of the B original samples: `images` (n_views·B, C, H, W: the view targets),
-    `coords` (B, 4), `cloud_fraction` (B, 4), optional `buildings` (B, 1), `landcover` (B, 11) and
-    `aux_valid_fraction` (B,). Returns (total, {term: value}) with every value a 0-d tensor, the
+    `coords` (B, 4), `cloud_fraction` (B, 4), optional `buildings` (B, 1), `landcover` (B, 11), their weights
+    `buildings_weight`, `landcover_weight` (B,) and `aux_valid_fraction` (B,) (the weight of a target that has
+    no own weight). Returns (total, {term: value}) with every value a 0-d tensor, the
     optional terms only when their targets are present. Refuses missing outputs or targets by name.
     """
 
@@ -140,13 +141,19 @@ class FoundationLoss(torch.nn.Module):
         terms["clouds"] = soft_cross_entropy(outputs["clouds"], per_view(targets["cloud_fraction"].float())).mean()
         valid = targets.get("aux_valid_fraction")
         valid = per_view(valid.float().reshape(-1)) if valid is not None else None
+
+        def aux_weight(target: str) -> torch.Tensor | None:  # per-target weight (PretrainDataset), else shared
+            w = targets.get(f"{target}_weight")
+            return per_view(w.float().reshape(-1)) if w is not None else valid
+
         if "buildings" in targets:
             pred = outputs["buildings"].float().reshape(n_views * b, -1)
             tgt = per_view(targets["buildings"].float().reshape(b, -1))
-            terms["buildings"] = _weighted_mean(((pred - tgt) ** 2).mean(dim=-1), valid)
+            terms["buildings"] = _weighted_mean(((pred - tgt) ** 2).mean(dim=-1), aux_weight("buildings"))
         if "landcover" in targets:
             terms["landcover"] = _weighted_mean(
-                soft_cross_entropy(outputs["landcover"], per_view(targets["landcover"].float())), valid)
+                soft_cross_entropy(outputs["landcover"], per_view(targets["landcover"].float())),
+                aux_weight("landcover"))
         if n_views >= 2:
             emb = outputs["embedding"].float()
             e1, e2 = emb[:b], emb[b:2 * b]

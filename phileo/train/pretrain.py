@@ -89,7 +89,7 @@ class FoundationTask(Task):
         _require_data_root(self.cfg)
         dataset = PretrainDataset(Path(self.cfg.data.root), node_rank=info.node_rank, num_nodes=info.num_nodes,
                                   patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
-        self.aux_targets = {t for t in AUX_HEADS if t in dataset[0]} if len(dataset) else set()
+        self.aux_targets = {t for t in AUX_HEADS if t in getattr(dataset, "aux_targets", ())}
         return dataset
 
     def forward(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> Any:
@@ -101,9 +101,8 @@ class FoundationTask(Task):
     def compute_loss(self, outputs: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = {"images": batch["view_targets"], "coords": batch["coords"],
                    "cloud_fraction": batch["cloud_fraction"]}
-        for key in ("buildings", "landcover", "aux_valid_fraction"):
-            if key in batch:
-                targets[key] = batch[key]
+        for key in self.aux_targets:  # the auxiliary terms only for targets the shards carry
+            targets[key], targets[f"{key}_weight"] = batch[key], batch[f"{key}_weight"]
         return self.loss(outputs, targets, n_views=N_VIEWS)
 
     def images(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -250,6 +250,69 @@ def pending_indices(sweep_path: str | os.PathLike, out_dir: str | os.PathLike) -
     return [s.index for s in expand_sweep(sweep_path) if not task_finished(out_dir, s.index)]
 
 
+ARRAYS_DIR = "arrays"
+LAUNCHERS = ("launch_sweep", "finetune_array.sh")
+
+
+def record_array(out_dir: str | os.PathLike, job_id: str, launcher: str, tasks: Sequence[int] | None = None,
+                 sweep_path: str | os.PathLike | None = None, site: str | None = None) -> Path:
+    """OUT/arrays/<job_id>.json: one submitted array and which sweep task each array index runs (`tasks[k]` for
+    array index k; None: index k is sweep task k, as with finetune_array.sh). One file per array, written
+    atomically, so concurrent writers never lose one. Status and re-submission read these."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    record = {"job_id": str(job_id), "launcher": launcher, "tasks": None if tasks is None else list(tasks),
+              "sweep": str(Path(sweep_path).resolve()) if sweep_path else None, "site": site,
+              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return atomic_write_json(Path(out_dir) / ARRAYS_DIR / f"{job_id}.json", record)
+
+
+def read_arrays(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The sweep folder's array records, oldest first (unreadable ones are skipped: they are a cache of squeue)."""
+    folder = Path(out_dir) / ARRAYS_DIR
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            records.append(read_json(path, "array record"))
+        except ValueError:
+            continue
+    return sorted(records, key=lambda r: (r.get("time") or "", str(r.get("job_id"))))
+
+
+def queued_tasks(out_dir: str | os.PathLike) -> dict[int, Any] | None:
+    """{sweep task index: its phileo.slurm_queue.QueueEntry} for every task SLURM still lists (or sacct knows) of
+    the arrays recorded in the sweep folder; a later array wins. None when SLURM cannot be asked (no squeue, or
+    no answer): then nothing is known about the queue."""
+    from phileo.slurm_queue import have_squeue, queue_states
+
+    arrays = read_arrays(out_dir)
+    if not have_squeue():
+        return None
+    if not arrays:
+        return {}
+    states = queue_states(str(a["job_id"]) for a in arrays)
+    if states is None:
+        return None
+    out: dict[int, Any] = {}
+    for a in arrays:
+        tasks = a.get("tasks")
+        for job, entry in states.items():
+            base, _, k = job.partition("_")
+            if base != str(a["job_id"]) or not k.isdigit():
+                continue
+            k = int(k)
+            index = k if tasks is None else (tasks[k] if k < len(tasks) else None)
+            if index is not None:
+                out[index] = entry
+    return out
+
+
+def active_tasks(out_dir: str | os.PathLike) -> set[int] | None:
+    """Sweep task indices that are running or pending (requeued included); None when SLURM cannot be asked."""
+    queued = queued_tasks(out_dir)
+    return None if queued is None else {i for i, e in queued.items() if e.active}
+
+
 def _snapshot(sweep_path: Path, specs: list[TaskSpec]) -> dict[str, Any]:
     return {"name": load_sweep(sweep_path).name, "source": str(sweep_path.resolve()), "n_tasks": len(specs),
             "tasks": [s.to_dict() for s in specs]}

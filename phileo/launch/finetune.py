@@ -30,6 +30,7 @@ from phileo.launch.preflight import (PreflightReport, absent_here, check_limits,
                                      live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import wait_and_report
 from phileo.launch.resources import job_cost
+from phileo.run_state import record_job_id, record_pending
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
 from phileo.ranges import format_ranges as _ranges
@@ -119,9 +120,11 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
         return refused
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
+    record_pending(run_dir)
     job = submit(plan, TrainingJob("finetune", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), job_ids=[job.job_id])
+    record_job_id(run_dir, job.job_id)
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")
@@ -215,7 +218,7 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_sweep(args: argparse.Namespace) -> int:
-    from phileo.bench.sweep import SweepError, expand_sweep, load_sweep, task_finished
+    from phileo.bench.sweep import SweepError, expand_sweep, load_sweep, record_array, task_finished
 
     sweep_path = Path(args.sweep).absolute()
     try:
@@ -288,6 +291,8 @@ def _launch_sweep(args: argparse.Namespace) -> int:
         else:
             jobs = submit_array(plan, fns)
         array_id = base_job_id(jobs[0].job_id)
+        if cluster == "slurm":  # status and re-submission map array index k -> sweep task group[k] through it
+            record_array(out, array_id, "launch_sweep", group, sweep_path, site.name)
         array_ids.append(array_id)
         previous = array_id
         all_jobs += jobs

@@ -25,6 +25,7 @@ from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
+from phileo.run_state import record_job_id, record_pending
 from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
                                   resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
@@ -162,9 +163,11 @@ def _launch(args: argparse.Namespace) -> int:
 
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
+    record_pending(run_dir, cfg.train.steps)
     job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
+    record_job_id(run_dir, job.job_id)
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"job logs:    {run_dir / 'logs'}")

@@ -246,8 +246,10 @@ def task_failed(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | None
 
 
 def pending_indices(sweep_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[int]:
-    """Indices of the sweep's tasks that have not finished in `out_dir` (failed, running or never started)."""
-    return [s.index for s in expand_sweep(sweep_path) if not task_finished(out_dir, s.index)]
+    """Indices of the sweep's tasks to submit again: not finished in `out_dir`, and not running or pending in
+    SLURM's queue (re-submitting those would start a second writer in the same task folder)."""
+    busy = active_tasks(out_dir) or set()
+    return [s.index for s in expand_sweep(sweep_path) if not task_finished(out_dir, s.index) and s.index not in busy]
 
 
 ARRAYS_DIR = "arrays"
@@ -281,15 +283,13 @@ def read_arrays(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def queued_tasks(out_dir: str | os.PathLike) -> dict[int, Any] | None:
     """{sweep task index: its phileo.slurm_queue.QueueEntry} for every task SLURM still lists (or sacct knows) of
-    the arrays recorded in the sweep folder; a later array wins. None when SLURM cannot be asked (no squeue, or
-    no answer): then nothing is known about the queue."""
+    the arrays recorded in the sweep folder; a later array wins. None when SLURM cannot be asked (no squeue, no
+    answer, or no array recorded): then nothing is known about the queue."""
     from phileo.slurm_queue import have_squeue, queue_states
 
     arrays = read_arrays(out_dir)
-    if not have_squeue():
-        return None
-    if not arrays:
-        return {}
+    if not arrays or not have_squeue():
+        return None  # run locally, or nothing recorded: the queue cannot be asked about this sweep
     states = queue_states(str(a["job_id"]) for a in arrays)
     if states is None:
         return None
@@ -462,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_list.add_argument("sweep", type=Path)
     p_count = sub.add_parser("count", help="print the number of tasks")
     p_count.add_argument("sweep", type=Path)
-    p_array = sub.add_parser("array", help="print the sbatch --array value (with --out: unfinished tasks only)")
+    p_array = sub.add_parser("array", help="print the sbatch --array value (with --out: only tasks neither "
+                                           "finished nor running nor pending)")
     p_array.add_argument("sweep", type=Path)
     p_array.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -477,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             indices = (pending_indices(args.sweep, args.out) if args.out
                        else range(len(expand_sweep(args.sweep))))
             if not indices:
-                print(f"every task of {args.sweep} has finished in {args.out}", file=sys.stderr)
+                print(f"every task of {args.sweep} has finished in {args.out}, or is running or pending",
+                      file=sys.stderr)
                 return exit_codes.OK
             print(format_array_spec(indices, sweep.max_parallel))
         elif args.cmd == "run":

@@ -30,6 +30,7 @@ from phileo.launch.preflight import (PreflightReport, absent_here, check_limits,
                                      live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import wait_and_report
 from phileo.launch.resources import job_cost
+from phileo.launch.status import SweepProgress
 from phileo.run_state import record_job_id, record_pending
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
@@ -218,7 +219,8 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_sweep(args: argparse.Namespace) -> int:
-    from phileo.bench.sweep import SweepError, expand_sweep, load_sweep, record_array, task_finished
+    from phileo.bench.sweep import (SweepError, active_tasks, expand_sweep, load_sweep, record_array,
+                                    task_finished)
 
     sweep_path = Path(args.sweep).absolute()
     try:
@@ -240,9 +242,14 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     finished = [i for i in indices if task_finished(out, i)]
     if not args.all:
         indices = [i for i in indices if i not in finished]
+    # Never a second writer: tasks SLURM still runs or queues are left alone, --all or not.
+    busy = sorted(set(indices) & (active_tasks(out) or set())) if cluster == "slurm" else []
+    indices = [i for i in indices if i not in busy]
+    if busy:
+        print(f"skipping tasks {_ranges(busy)}: running or pending in SLURM (see phileo-status {out})")
     if not indices:
-        print(f"every selected task of {sweep_path.name} has finished in {out}; nothing to submit "
-              f"(--all to run them again)")
+        print(f"every selected task of {sweep_path.name} has finished in {out} or is running or pending; nothing "
+              f"to submit" + ("" if args.all else " (--all to run finished ones again)"))
         return cli.EXIT_OK
     parallel = args.parallel or sweep.max_parallel or len(indices)
     max_array = args.max_array_size or site_max_array_size(site, ask_slurm=cluster == "slurm")
@@ -287,7 +294,7 @@ def _launch_sweep(args: argparse.Namespace) -> int:
         fns = [TrainingJob("sweep_task", {"sweep_path": str(sweep_path), "index": i, "out_dir": str(out)},
                            max_requeues=res.max_requeues) for i in group]
         if cluster == "local":
-            jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
+            jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s, SweepProgress(out))
         else:
             jobs = submit_array(plan, fns)
         array_id = base_job_id(jobs[0].job_id)
@@ -304,7 +311,7 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     print(f"results:      python jobs/collect_results.py {out}")
     if not (args.wait or cluster == "local"):
         return cli.EXIT_OK
-    return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s)
+    return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s, SweepProgress(out))
 
 
 _SWEEP_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what phileo.bench.sweep.expand_env expands on the node
@@ -336,19 +343,20 @@ def check_sweep_inputs(site: Any, sweep_path: Path, specs: Sequence[Any]) -> tup
     return [f"sweep {sweep_path.name}: {p}" for p in problems], notes
 
 
-def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float]) -> list[Any]:
-    """Local stand-in for an array: `parallel` task groups at a time."""
+def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float],
+                       progress: Any = None) -> list[Any]:
+    """Local stand-in for an array: `parallel` task groups at a time; progress.poll() while they run."""
     jobs: list[Any] = []
     for k in range(0, len(fns), parallel):
         batch = [submit(plan, f) for f in fns[k:k + parallel]]
-        wait_for(batch, timeout_s=timeout_s, poll_s=1.0)
+        wait_for(batch, timeout_s=timeout_s, poll_s=1.0, on_poll=progress.poll if progress else None)
         jobs += batch
     return jobs
 
 
-def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float]) -> int:
+def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float], progress: Any = None) -> int:
     try:
-        wait_for(jobs, timeout_s=timeout_s)
+        wait_for(jobs, timeout_s=timeout_s, on_poll=progress.poll if progress else None)
     except TimeoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED

@@ -160,8 +160,9 @@ def run_status(run_dir: str | os.PathLike, ask_slurm: bool = True, entry: Option
     reason = problem or (entry.reason if entry is not None and entry.pending else None) or \
         (state.get("reason") if decided in ("failed", "preempted", "stopped") else None)
     if decided == "failed" and not reason and source != "run folder":
-        reason = (f"job {job_id} ended ({entry.state if entry else 'no longer queued'}) without recording an end: "
-                  f"killed, out of memory, cancelled or a node failure; see {run / 'logs'}")
+        reason = (f"{f'job {job_id}' if job_id else 'its job'} ended "
+                  f"({entry.state if entry else 'no longer queued'}) without recording an end: killed, out of "
+                  f"memory, cancelled or a node failure; see {run / 'logs'}")
     out: dict[str, Any] = {"kind": "run", "run_dir": str(run), "state": decided, "state_source": source,
                            "job_id": job_id, "slurm_state": entry.state if entry else None, "reason": reason,
                            "requeues": int(state.get("requeues") or 0), "failures": int(state.get("failures") or 0),
@@ -321,6 +322,119 @@ def status(path: str | os.PathLike, ask_slurm: bool = True) -> dict[str, Any]:
                             f"'sweep folder'")
 
 
+# ------------------------------------------------------------------------------------------- --wait progress
+class ProgressPrinter:
+    """What `--wait` shows while a run trains: one line per logged step (step, smoothed loss, samples/s, ETA)
+    read from the new lines of metrics.jsonl, or a tqdm bar when stdout is a terminal; and the run's state
+    changes (pending -> running -> requeued ...) from state.json. Call poll() as often as you like."""
+
+    def __init__(self, run_dir: str | os.PathLike, total_steps: Optional[int] = None, stream: Any = None,
+                 bar: Optional[bool] = None):
+        self.run_dir = Path(run_dir)
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.offset = 0
+        self.last_step = 0
+        self.state: Optional[str] = None
+        self.rates: list[tuple[float, int]] = []
+        use_bar = self.stream.isatty() if bar is None else bar
+        self.bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def _new_records(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1  # only complete lines; the rest is read next time
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def poll(self) -> None:
+        try:
+            state = read_state(self.run_dir) or {}
+        except ValueError:
+            state = {}
+        self.total = self.total or state.get("total_steps")
+        if state.get("state") and state["state"] != self.state:
+            self.state = state["state"]
+            self._say(f"[{time.strftime('%H:%M:%S')}] {self.run_dir.name}: {self.state}"
+                      + (f" ({state['events'][-1]['detail']})" if (state.get("events") or [{}])[-1].get("detail")
+                         else ""))
+        for rec in self._new_records():
+            if "loss/total" not in rec or int(rec["step"]) <= self.last_step:
+                continue
+            self._step(rec)
+
+    def _step(self, rec: dict[str, Any]) -> None:
+        step = int(rec["step"])
+        self.rates = (self.rates + [(float(rec.get("time", 0.0)), step)])[-RATE_RECORDS:]
+        eta = None
+        if self.total and len(self.rates) >= 2 and self.rates[-1][0] > self.rates[0][0]:
+            rate = (self.rates[-1][1] - self.rates[0][1]) / (self.rates[-1][0] - self.rates[0][0])
+            eta = (int(self.total) - step) / rate if rate > 0 else None
+        loss = rec.get("loss_window/total", rec["loss/total"])
+        sps = rec.get("perf/samples_per_s")
+        if self.bar is not None:
+            if self.total and self.bar.total != self.total:
+                self.bar.total = int(self.total)
+            self.bar.update(step - self.last_step)
+            self.bar.set_postfix_str(f"loss {loss:.4g}" + (f", {sps:.4g} samples/s" if sps else ""))
+        else:
+            self._say(f"  step {step}" + (f"/{self.total}" if self.total else "") + f" | loss {loss:.4g}"
+                      + (f" | {sps:.4g} samples/s" if sps else "") + f" | ETA {fmt_duration(eta)}")
+        self.last_step = step
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.poll()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class SweepProgress:
+    """What `--wait` shows while a sweep runs: a line when a task changes state, and the counts by state."""
+
+    def __init__(self, sweep_dir: str | os.PathLike, stream: Any = None):
+        self.sweep_dir = Path(sweep_dir)
+        self.stream = stream or sys.stdout
+        self.states: dict[int, str] = {}
+
+    def poll(self) -> None:
+        try:
+            s = sweep_status(self.sweep_dir, ask_slurm=have_squeue())
+        except (OSError, ValueError):
+            return
+        changed = [t for t in s["tasks"] if self.states.get(t["index"]) != t["state"]]
+        if not changed:
+            return
+        for t in changed:
+            if t["state"] != "not started":
+                extra = f": {t['error']}" if t.get("error") else ""
+                print(f"  task {t['index']} {t['name']}: {t['state']}{extra}", file=self.stream)
+            self.states[t["index"]] = t["state"]
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
+        print(f"[{time.strftime('%H:%M:%S')}] sweep {s['name']}: {counts}", file=self.stream, flush=True)
+
+
 # ------------------------------------------------------------------------------------------- readable text
 def fmt_duration(seconds: Optional[float]) -> str:
     if seconds is None:
@@ -405,7 +519,9 @@ def format_sweep(s: dict[str, Any], rows: int = 40) -> str:
         lines.append(f"  ... {len(shown) - rows} more (--all lists every task, --json gives them all)")
     if s["failed"]:
         lines += ["", "  failed tasks (first error line; the traceback is in tasks/<index>/failed.json):"]
-        lines += [f"  {f['index']:>5}  {f['name']}: {f['error']}" for f in s["failed"]]
+        lines += [f"  {f['index']:>5}  {f['name']}: {f['error']}" for f in s["failed"][:rows]]
+        if len(s["failed"]) > rows:
+            lines.append(f"  ... {len(s['failed']) - rows} more failed tasks")
     return "\n".join(lines)
 
 
@@ -448,5 +564,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return exit_codes.OK
 
 
-__all__ = ["run_status", "sweep_status", "status", "decide_state", "tail_records", "folder_bytes", "format_status",
+__all__ = ["ProgressPrinter", "SweepProgress", "run_status", "sweep_status", "status", "decide_state", "tail_records", "folder_bytes", "format_status",
            "format_run", "format_sweep", "fmt_duration", "fmt_bytes", "main", "METRICS_TAIL_BYTES"]

@@ -87,3 +87,38 @@ def test_status_of_real_jobs_in_every_state(tmp_path, slurm_cluster):
         assert failed["reason"]
     finally:
         subprocess.run(["scancel", good_id, bad_id], capture_output=True)
+
+
+def test_results_never_suggest_resubmitting_running_or_pending_tasks(tmp_path, slurm_cluster):
+    """A real 4-task array, one at a time (task 0 runs, 1-3 wait), in a 6-task sweep folder where task 4 failed and
+    task 5 never started: only 4-5 are to be re-submitted, with the command of the path that launched it."""
+    from phileo.bench.results import collect_results, rerun_hint
+    from phileo.bench.sweep import record_array
+    from phileo.fsutil import atomic_write_json
+    from phileo.launch.slurm import sbatch, scancel
+
+    out = tmp_path / "sweep"
+    specs = [{"index": i, "model": "m", "task": "roads", "n_shot": 2, "lr": 1e-3, "seed": i} for i in range(6)]
+    atomic_write_json(out / "sweep.json", {"name": "honest", "source": str(tmp_path / "s.yaml"), "n_tasks": 6,
+                                           "tasks": specs})
+    atomic_write_json(out / "tasks" / "00004" / "failed.json", {"error_type": "RuntimeError", "error": "boom"})
+    # Task 1 failed in an earlier attempt and is queued again: queued wins over its old failure record.
+    atomic_write_json(out / "tasks" / "00001" / "failed.json", {"error_type": "RuntimeError", "error": "old"})
+    script = tmp_path / "sleep.sh"
+    script.write_text("#!/bin/bash\nsleep 120\n")
+    job = sbatch(script, ["--array=0-3%1", "--time=5", f"--output={tmp_path}/%A_%a.out"])
+    try:
+        record_array(out, job, "finetune_array.sh")
+        _until(lambda: collect_results(out).by_status("running"), 60, "array task 0 never ran")
+        res = collect_results(out)
+        assert [r.index for r in res.by_status("running")] == [0]
+        assert [r.index for r in res.by_status("pending")] == [1, 2, 3]
+        assert [r.index for r in res.by_status("failed")] == [4] and [r.index for r in res.by_status("missing")] == [5]
+        assert rerun_hint(res).startswith("sbatch --array=4-5 ") and "slurm/finetune_array.sh" in rerun_hint(res)
+        st_sweep = status(out)
+        assert st_sweep["counts"] == {"running": 1, "pending": 3, "failed": 1, "not started": 1}
+        record_array(out, job, "launch_sweep", tasks=[0, 1, 2, 3], sweep_path=tmp_path / "s.yaml", site="local")
+        assert rerun_hint(collect_results(out)).startswith(
+            f"python jobs/launch_sweep.py {tmp_path / 's.yaml'} --out {out.resolve()} --site local --indices 4-5")
+    finally:
+        scancel(job)

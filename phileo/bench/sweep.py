@@ -4,6 +4,8 @@ A sweep file (YAML, e.g. slurm/sweeps/phileo_bench.yaml):
 
     name: phileo_bench          # optional (default: the file name)
     max_parallel: 32            # optional: at most this many array tasks run at once (the %K of --array)
+    time_per_task: "04:00:00"   # optional: walltime of one task (default DEFAULT_TASK_TIME, sized for a
+                                # fine-tune, not the site maximum: short jobs backfill); requeues cover the rest
     base:                       # FinetuneConfig overrides shared by every task (dotted keys)
       data.root: ${PHILEO_BENCH_DATA}
       finetune.max_epochs: 250
@@ -57,7 +59,8 @@ from phileo.ranges import format_ranges
 
 # Grid axis -> config key it sets.
 AXES = {"task": "data.task", "n_shot": "data.n_shot", "lr": "optim.lr", "seed": "train.seed"}
-SWEEP_KEYS = ("name", "max_parallel", "base", "models", "tasks", "n_shots", "lrs", "seeds")
+SWEEP_KEYS = ("name", "max_parallel", "time_per_task", "base", "models", "tasks", "n_shots", "lrs", "seeds")
+DEFAULT_TASK_TIME = "04:00:00"
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
 SPEC_FILE = "spec.json"
@@ -101,6 +104,7 @@ class Sweep:
     lrs: list[float]
     seeds: list[int]
     max_parallel: int | None = None
+    time_per_task: str = DEFAULT_TASK_TIME
 
     @property
     def size(self) -> int:
@@ -164,7 +168,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(
         path=path, name=str(doc.get("name") or path.stem), base=dict(base), models=models,
         tasks=_as_list(doc, "tasks", path, str), n_shots=_as_list(doc, "n_shots", path, int),
-        lrs=_as_list(doc, "lrs", path, float), seeds=_as_list(doc, "seeds", path, int), max_parallel=max_parallel)
+        lrs=_as_list(doc, "lrs", path, float), seeds=_as_list(doc, "seeds", path, int), max_parallel=max_parallel,
+        time_per_task=str(doc.get("time_per_task") or DEFAULT_TASK_TIME))
     for where, mapping in [("base", base)] + [(f"model '{m['label']}'", m) for m in models]:
         clash = sorted(set(mapping) & set(AXES.values()))
         if clash:
@@ -408,6 +413,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
     rank0 = _global_rank() == 0
     if rank0:
         write_sweep_snapshot(sweep_path, out_dir, specs)
+        _record_own_array(out_dir, sweep_path)
     if task_finished(out_dir, index):
         print(f"sweep task {index} ({spec.name}) already finished: {run_dir / RESULT_FILE}; nothing to do",
               flush=True)
@@ -433,6 +439,19 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         raise RuntimeError(f"sweep task {index} ({spec.name}) failed; see {run_dir / FAILED_FILE}")
     payload = read_json(run_dir / RESULT_FILE, "task result") if status == "completed" else None
     return TaskOutcome(int(index), status, run_dir, payload)
+
+
+def _record_own_array(out_dir: str | os.PathLike, sweep_path: str | os.PathLike) -> None:
+    """Under slurm/finetune_array.sh (plain sbatch: no launcher recorded the array) the first task to start records
+    its array, whose index k is sweep task k, so that status and re-submission can ask squeue about the rest."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if os.environ.get("PHILEO_SWEEP_LAUNCHER") != "finetune_array.sh" or not array:
+        return
+    if not (Path(out_dir) / ARRAYS_DIR / f"{array}.json").exists():
+        try:
+            record_array(out_dir, array, "finetune_array.sh", None, sweep_path, os.environ.get("PHILEO_SITE"))
+        except OSError as e:  # status loses its queue view of this array; the task itself is unaffected
+            print(f"could not record array {array} in {out_dir}: {e}", file=sys.stderr)
 
 
 def _write_failure(run_dir: Path, spec: TaskSpec, error: BaseException) -> None:

@@ -192,6 +192,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                    help="only these task indices, e.g. '17' or '0-9,17' (re-run a failed task alone)")
     g.add_argument("--all", action="store_true", help="also submit tasks that already finished (they exit at once)")
     g.add_argument("--max-array-size", type=int, default=None, help="override the site's MaxArraySize")
+    g.add_argument("--sbatch-args", action="store_true",
+                   help="print the sbatch options that submit this sweep through slurm/finetune_array.sh instead "
+                        "(sbatch $(... --sbatch-args) slurm/finetune_array.sh): the same walltime, signal and "
+                        "sweep folder as this launcher's own array")
     cli.add_run_args(p)
     return p
 
@@ -231,6 +235,8 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     site = cli.pick_site(args.site, args.cluster)
     if args.gpus_per_node is None:
         args.gpus_per_node = 1  # one fine-tuning run per array task, on one GPU
+    if args.time is None:
+        args.time = sweep.time_per_task  # sized for one fine-tune (the sweep file), not the site's maximum
     res = cli.resources_from_args(site, args, default_job_name=f"sweep-{sweep.name}")
     cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
     opts = cli.submit_options(args)
@@ -252,6 +258,9 @@ def _launch_sweep(args: argparse.Namespace) -> int:
               f"to submit" + ("" if args.all else " (--all to run finished ones again)"))
         return cli.EXIT_OK
     parallel = args.parallel or sweep.max_parallel or len(indices)
+    if args.sbatch_args:
+        print(" ".join(finetune_array_args(site, res, sweep_path, out, indices, parallel)))
+        return cli.EXIT_OK
     max_array = args.max_array_size or site_max_array_size(site, ask_slurm=cluster == "slurm")
     groups = split_for_arrays(indices, max_array)
 
@@ -312,6 +321,29 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     if not (args.wait or cluster == "local"):
         return cli.EXIT_OK
     return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s, SweepProgress(out))
+
+
+def finetune_array_args(site: Any, res: Any, sweep_path: Path, out: Path, indices: Sequence[int],
+                        parallel: int) -> list[str]:
+    """The sbatch options for slurm/finetune_array.sh that match this launcher's array: walltime (the sweep
+    file's time_per_task unless --time), the pre-timeout signal (the site's signal_delay_s), partition,
+    account, QOS, GPUs and the sweep folder (<site run_root>/sweeps/<name> unless --out). One source for both
+    paths; shell-quoted."""
+    import shlex
+
+    from phileo.bench.sweep import format_array_spec
+    from phileo.launch.sites import format_minutes
+
+    opts = [f"--array={format_array_spec(indices, parallel)}", f"--time={format_minutes(res.time_min)}",
+            f"--signal=USR2@{res.signal_delay_s}", f"--job-name={res.job_name}"]
+    opts += [f"--{k}={v}" for k, v in (("partition", res.partition), ("account", res.account), ("qos", res.qos))
+             if v]
+    if res.gpus_per_node:
+        opts.append(f"--gres=gpu:{res.gpus_per_node}")
+    opts.append(f"--cpus-per-task={res.cpus_per_task}")
+    opts.append(f"--export=ALL,PHILEO_SWEEP={sweep_path},PHILEO_SWEEP_DIR={out},PHILEO_SITE={site.path or site.name},"
+                f"PHILEO_MAX_REQUEUES={res.max_requeues}")
+    return [shlex.quote(o) for o in opts]
 
 
 _SWEEP_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what phileo.bench.sweep.expand_env expands on the node

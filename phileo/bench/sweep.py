@@ -422,6 +422,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a re-run replaces the old failure record
         atomic_write_json(run_dir / SPEC_FILE, {**spec.to_dict(), "sweep": str(Path(sweep_path).resolve())})
+        link_tensorboard(out_dir, spec)
     try:
         cfg = build_task_config(spec, run_dir)
         from phileo.bench.finetune import run_finetuning
@@ -439,6 +440,22 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         raise RuntimeError(f"sweep task {index} ({spec.name}) failed; see {run_dir / FAILED_FILE}")
     payload = read_json(run_dir / RESULT_FILE, "task result") if status == "completed" else None
     return TaskOutcome(int(index), status, run_dir, payload)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def link_tensorboard(out_dir: str | os.PathLike, spec: TaskSpec) -> Path:
+    """OUT/tensorboard/<task label> -> ../tasks/NNNNN/tensorboard, so that `tensorboard --logdir OUT/tensorboard`
+    names each run by its label (cnn44m_published_roads_n50_lr0.001_s0), not by its index. Replaced atomically."""
+    folder = Path(out_dir) / TENSORBOARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / spec.name
+    tmp = folder / f".{spec.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(task_dir(out_dir, spec.index) / "tensorboard", folder), tmp)
+    os.replace(tmp, link)
+    return link
 
 
 def _record_own_array(out_dir: str | os.PathLike, sweep_path: str | os.PathLike) -> None:

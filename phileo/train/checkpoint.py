@@ -346,6 +346,19 @@ class CheckpointManager:
         if self.info.is_main:
             write_done(self.run_dir, step, final_loss, **extra)
 
+    def remove_all(self) -> int:
+        """Deletes every checkpoint of the run (global rank 0), e.g. a finished fine-tune's resume state once
+        its outputs are written; returns the bytes freed. Each folder is renamed first, as in retention."""
+        if not self.info.is_main:
+            return 0
+        freed = 0
+        for _, p in self.list():
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            trash = p.with_name(f".{p.name}.deleting")
+            os.replace(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return freed
+
     def clear_done(self) -> None:
         """Removes DONE (global rank 0): train.steps was raised past a finished run."""
         if self.info.is_main:

@@ -164,6 +164,10 @@ class Task:
     def hparams(self) -> dict[str, Any]:
         return {}
 
+    def hparam_metrics(self) -> list[str]:
+        """Scalar tags TensorBoard's HPARAMS tab shows beside the hparams."""
+        return ["loss/total"]
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -382,7 +386,7 @@ class Trainer:
                 "resumed_from": str(latest) if latest else None})
         self.metrics.open_writers(self.step)
         self.state.started(self.step, cfg.train.steps, info)
-        self.metrics.hparams(self._hparams(n_params), ["loss/total"])
+        self.metrics.hparams(self._hparams(n_params), self.task.hparam_metrics())
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,
                  info.source, cfg.train.strategy, info.device, precision, n_params / 1e6,

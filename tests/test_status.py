@@ -22,6 +22,9 @@ from phileo.train.metrics import LossWindow, read_metrics
 
 from test_engine import ToyTask, toy_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from status import make_synthetic_sweep  # noqa: E402  (the benchmark's sweep folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -111,36 +114,6 @@ def test_durations_and_sizes_read_well():
     assert parse_duration_s("1-02:03:04") == 93784 and parse_duration_s("05:00") == 300
     assert parse_duration_s("UNLIMITED") is None
     assert st.fmt_duration(3725) == "1h02m" and st.fmt_bytes(75_300_000) == "75.3 MB"
-
-
-def make_synthetic_sweep(out: Path, n: int = 360) -> dict[str, int]:
-    """A sweep folder as 360 tasks leave it mid-campaign: completed (result.json, best_model.pt), failed
-    (failed.json), running (state.json + a long metrics.jsonl), and never started."""
-    specs = [{"index": i, "model": f"m{i // 90}", "task": "roads", "n_shot": 50, "lr": 1e-3, "seed": i % 3}
-             for i in range(n)]
-    atomic_write_json(out / "sweep.json", {"name": "synthetic", "n_tasks": n, "tasks": specs})
-    want = {"completed": 0, "failed": 0, "running": 0, "not started": 0}
-    for i in range(n):
-        d = out / "tasks" / f"{i:05d}"
-        kind = ("completed", "failed", "running", "not started")[i % 4]
-        want[kind] += 1
-        if kind == "not started":
-            continue
-        d.mkdir(parents=True)
-        atomic_write_json(d / "spec.json", specs[i])
-        if kind == "completed":
-            atomic_write_json(d / "result.json", {"status": "completed", "test": {"rmse": 0.1},
-                                                  "val_history": [[s, 0.5] for s in range(250)]})
-            (d / "best_model.pt").write_bytes(b"\0" * 4096)
-        elif kind == "failed":
-            atomic_write_json(d / "failed.json", {"error_type": "RuntimeError", "error": f"boom {i}\nline 2"})
-        else:
-            update_state(d, "running", step=120, total_steps=250, pid=os.getpid())
-            with open(d / "metrics.jsonl", "w") as fh:
-                for step in range(1, 2001):
-                    fh.write(json.dumps({"step": step, "time": 1e9 + step, "loss/total": 0.5,
-                                         "loss_window/total": 0.25, "perf/samples_per_s": 10.0}) + "\n")
-    return want
 
 
 def test_a_360_task_sweep_in_under_2_seconds(tmp_path):

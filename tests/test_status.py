@@ -140,3 +140,18 @@ def test_cli_json_and_a_clear_refusal(toy_run, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "neither a run" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_watch_refreshes_until_interrupted(toy_run):
+    import signal
+
+    run, _ = toy_run
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "status.py"), str(run), "--watch", "0.3",
+                             "--no-slurm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    lines = []
+    while len([ln for ln in lines if ln.startswith("run ")]) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0

@@ -546,22 +546,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.watch is not None and args.watch <= 0:
         print("error: --watch SECONDS must be > 0", file=sys.stderr)
         return exit_codes.REFUSED
-    while True:
-        try:
-            s = status(args.path, ask_slurm=not args.no_slurm)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return exit_codes.REFUSED
-        text = json.dumps(s, indent=2, default=str) if args.json else format_status(s, 10 ** 9 if args.all else 40)
-        if args.watch is not None and sys.stdout.isatty():
-            print("\033[2J\033[H", end="")  # clear the screen between refreshes
-        print(text, flush=True)
-        if args.watch is None:
-            return exit_codes.OK
-        try:
+    try:
+        while True:
+            try:
+                s = status(args.path, ask_slurm=not args.no_slurm)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return exit_codes.REFUSED
+            text = (json.dumps(s, indent=2, default=str) if args.json
+                    else format_status(s, 10 ** 9 if args.all else 40))
+            if args.watch is not None and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")  # clear the screen between refreshes
+            print(text, flush=True)
+            if args.watch is None:
+                return exit_codes.OK
             time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return exit_codes.OK
+    except KeyboardInterrupt:  # --watch ends with Ctrl-C
+        return exit_codes.OK
 
 
 __all__ = ["ProgressPrinter", "SweepProgress", "run_status", "sweep_status", "status", "decide_state", "tail_records", "folder_bytes", "format_status",

@@ -155,3 +155,27 @@ def test_watch_refreshes_until_interrupted(toy_run):
         lines.append(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+
+
+def test_wait_progress_prints_a_line_per_logged_step(tmp_path):
+    import io
+
+    update_state(tmp_path, "pending", total_steps=100)
+    out = io.StringIO()
+    progress = st.ProgressPrinter(tmp_path, stream=out, bar=False)
+    progress.poll()
+    update_state(tmp_path, "running", event="started", detail="from step 0")
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        for step in (10, 20):
+            fh.write(json.dumps({"step": step, "time": 100.0 + step, "loss/total": 9.0,
+                                 "loss_window/total": 1.234567, "perf/samples_per_s": 42.0}) + "\n")
+        fh.write('{"step": 30, "time": 1')  # a line being written: not read yet
+    progress.poll()
+    lines = out.getvalue().splitlines()
+    assert "pending" in lines[0] and "running (from step 0)" in lines[1]
+    assert lines[2:] == ["  step 10/100 | loss 1.235 | 42 samples/s | ETA n/a",
+                         "  step 20/100 | loss 1.235 | 42 samples/s | ETA 1m20s"]
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('30.0, "loss/total": 1.0}\n')
+    progress.close()
+    assert out.getvalue().splitlines()[-1].startswith("  step 30/100 | loss 1 |")

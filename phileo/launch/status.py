@@ -214,7 +214,8 @@ def _progress(run: Path, state: dict[str, Any], now: float) -> dict[str, Any]:
     ckpt = state.get("last_checkpoint")
     if not ckpt:
         ckpt = _newest_checkpoint(run)
-    out["last_checkpoint"] = None if not ckpt else {**ckpt, "age_s": _age_s(ckpt.get("time"), now)}
+    out["last_checkpoint"] = None if not ckpt else {**ckpt, "age_s": _age_s(ckpt.get("time"), now),
+                                                     "exists": (run / str(ckpt.get("path", ""))).is_dir()}
     return out
 
 
@@ -278,8 +279,9 @@ def sweep_status(sweep_dir: str | os.PathLike, ask_slurm: bool = True, now: Opti
         label = f"{spec['model']}_{spec['task']}_n{spec['n_shot']}_lr{float(spec['lr']):g}_s{spec['seed']}"
         entry = (queued or {}).get(index)
         row: dict[str, Any] = {"index": index, "name": label}
-        if (d / RESULT_FILE).is_file() and (_read_json(d / RESULT_FILE) or {}).get("status") == "completed":
-            row["state"] = "completed"
+        result = _read_json(d / RESULT_FILE) if (d / RESULT_FILE).is_file() else None
+        if (result or {}).get("status") == "completed":
+            row.update(state="completed", step=result.get("steps"), total_steps=result.get("steps"))
         elif (d / FAILED_FILE).is_file() and not (entry and entry.active):
             failure = _read_json(d / FAILED_FILE) or {}
             row["state"] = "failed"
@@ -476,7 +478,8 @@ def format_run(s: dict[str, Any]) -> str:
         lines.append(f"  loss         {_g4(loss.get('total'))} (mean of the last log window)"
                      + (f"; {terms}" if terms else ""))
     if s.get("samples_per_s") is not None:
-        lines.append(f"  throughput   {s['samples_per_s']:.4g} samples/s, {s['samples_per_s_per_gpu']:.4g} per GPU"
+        lines.append(f"  throughput   {s['samples_per_s']:.4g} samples/s, {s['samples_per_s_per_gpu']:.4g} per "
+                     f"{'GPU' if s.get('gpu_hours') is not None else 'process'}"
                      + (f", MFU {100 * s['mfu']:.1f} %" if s.get("mfu") is not None else ""))
     if s.get("data_wait_frac") is not None:
         lines.append(f"  data wait    {100 * s['data_wait_frac']:.0f} % of step time"
@@ -488,8 +491,14 @@ def format_run(s: dict[str, Any]) -> str:
                      + ("  (the job ends first: it requeues at the walltime signal)"
                         if s.get("eta_s") and s.get("time_left_s") and s["eta_s"] > s["time_left_s"] else ""))
     ck = s.get("last_checkpoint")
-    lines.append(f"  checkpoint   " + (f"step {ck['step']} ({ck['path']}), {fmt_duration(ck.get('age_s'))} ago"
-                                       if ck else "none yet"))
+    if not ck:
+        lines.append("  checkpoint   none yet")
+    elif ck.get("exists", True):
+        lines.append(f"  checkpoint   step {ck['step']} ({ck['path']}), {fmt_duration(ck.get('age_s'))} ago")
+    else:
+        lines.append(f"  checkpoint   step {ck['step']}, deleted after completion (the run's outputs stay: "
+                     f"best_model.pt, result.json)" if s["state"] == "completed" else
+                     f"  checkpoint   step {ck['step']} ({ck['path']}) is gone")
     lines.append(f"  requeues     {s['requeues']}, failures {s['failures']}"
                  + (f"/{s['max_failures']}" if s.get("max_failures") is not None else ""))
     used = f"{s['node_hours']:.3g} node-hours" + (f", {s['gpu_hours']:.3g} GPU-hours" if s.get("gpu_hours") else "")

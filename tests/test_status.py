@@ -146,15 +146,18 @@ def test_watch_refreshes_until_interrupted(toy_run):
     import signal
 
     run, _ = toy_run
+    # A background shell starts its children with SIGINT ignored: give this one the terminal's Ctrl-C back.
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "status.py"), str(run), "--watch", "0.3",
-                             "--no-slurm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--no-slurm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     lines = []
     while len([ln for ln in lines if ln.startswith("run ")]) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         lines.append(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 def test_wait_progress_prints_a_line_per_logged_step(tmp_path):

@@ -64,7 +64,8 @@ def test_array_script_range_matches_the_default_sweep():
     assert int(m.group(1)) < 1001, "beyond the dev cluster's (and a common site's) MaxArraySize"
 
 
-def test_both_sweep_paths_take_walltime_signal_and_folder_from_the_same_place(tmp_path, monkeypatch):
+@pytest.mark.no_slurm
+def test_both_sweep_paths_take_walltime_signal_and_folder_from_the_same_place(tmp_path, monkeypatch, no_slurm_path):
     """launch_sweep.py --sbatch-args (what finetune_array.sh is submitted with) says what launch_sweep's own
     array asks for, and the script's #SBATCH defaults are those values for the default sweep on Leonardo."""
     monkeypatch.setenv("CINECA_SCRATCH", str(tmp_path / "scratch"))

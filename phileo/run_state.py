@@ -97,4 +97,5 @@ def record_job_id(run_dir: str | os.PathLike, job_id: str) -> None:
         update_state(run_dir, job_id=str(job_id))
 
 
-__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "record_pending", "record_job_id", "now_iso"]
+__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "record_pending", "record_job_id",
+           "now_iso"]

@@ -238,7 +238,8 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     if args.time is None:
         args.time = sweep.time_per_task  # sized for one fine-tune (the sweep file), not the site's maximum
     res = cli.resources_from_args(site, args, default_job_name=f"sweep-{sweep.name}")
-    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run or args.sbatch_args)  # printing needs no SLURM
+    # --sbatch-args only prints, like a dry run: no SLURM needed on this machine.
+    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run or args.sbatch_args)
     opts = cli.submit_options(args)
     out = Path(args.out).expanduser().absolute() if args.out else site.resolve_run_root() / "sweeps" / sweep.name
     indices = parse_indices(args.indices) if args.indices else [s.index for s in specs]

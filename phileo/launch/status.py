@@ -574,5 +574,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exit_codes.OK
 
 
-__all__ = ["ProgressPrinter", "SweepProgress", "run_status", "sweep_status", "status", "decide_state", "tail_records", "folder_bytes", "format_status",
-           "format_run", "format_sweep", "fmt_duration", "fmt_bytes", "main", "METRICS_TAIL_BYTES"]
+__all__ = ["ProgressPrinter", "SweepProgress", "run_status", "sweep_status", "status", "decide_state",
+           "tail_records", "folder_bytes", "format_status", "format_run", "format_sweep", "fmt_duration", "fmt_bytes",
+           "main", "METRICS_TAIL_BYTES"]

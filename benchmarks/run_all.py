@@ -3,7 +3,7 @@
 
 Each benchmark measures its subject side by side with its baseline in one process and prints ratios; this
 script only runs them one after another (never in parallel: they would disturb each other's timings).
-Pass --only preprocess|models|engine to run one.
+Pass --only preprocess|models|engine|status to run one.
 """
 
 import argparse
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "preprocess": ["preprocess.py", "--cells", "12", "--repeats", "3"],
     "models": ["models.py", "--threads", "1", "--steps", "5"],
     "engine": ["engine.py"],
+    "status": ["status.py"],
 }
 
 

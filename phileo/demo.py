@@ -224,7 +224,11 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
     if table.exists():
         print("\n" + table.read_text())
     print(f"TensorBoard:  tensorboard --logdir {Path(s.out).resolve() / 'runs'}   "
-          f"(fine-tuning: --logdir {paths['sweep'] / 'tasks'})")
+          f"(fine-tuning, runs named by label: --logdir {paths['sweep'] / 'tensorboard'})")
+    # How a campaign is watched (phileo-status); here, the finished one.
+    print("\n=== Status (python jobs/status.py RUN_OR_SWEEP; --watch refreshes, --json for scripts)", flush=True)
+    for target in (paths["pretrain"], paths["sweep"]):
+        _run([py, "jobs/status.py", str(target)], env)
     return paths
 
 

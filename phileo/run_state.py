@@ -81,4 +81,21 @@ def update_state(run_dir: str | os.PathLike, state: str | None = None, event: st
     return current
 
 
-__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "now_iso"]
+def record_pending(run_dir: str | os.PathLike, total_steps: int | None = None) -> dict[str, Any]:
+    """The launcher's write just before a submission: the run is queued (a new launch: an earlier end state and
+    reason no longer hold). Written before, not after, so that it never overwrites a job that starts at once."""
+    fields: dict[str, Any] = {"reason": None, "job_id": None}
+    if total_steps is not None:
+        fields["total_steps"] = int(total_steps)
+    return update_state(run_dir, "pending", event="submitted", **fields)
+
+
+def record_job_id(run_dir: str | os.PathLike, job_id: str) -> None:
+    """The launcher's write after the submission: the job id, unless the job has already started and said so."""
+    current = read_state(run_dir)
+    if current is not None and current.get("state") == "pending" and not current.get("job_id"):
+        update_state(run_dir, job_id=str(job_id))
+
+
+__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "record_pending", "record_job_id",
+           "now_iso"]

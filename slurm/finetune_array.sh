@@ -1,21 +1,22 @@
 #!/bin/bash
 # PhilEO Bench sweep as one SLURM job array: array task i fine-tunes the sweep's task i into its own folder.
 #
-#   sbatch -A ACCOUNT -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh        # the default sweep (360 tasks)
-#   sbatch ... --array=17 slurm/finetune_array.sh                                    # re-run one task alone
-#   sbatch ... --array=$(python -m phileo.bench.sweep array SWEEP --out DIR) \
-#          --export=ALL,PHILEO_SWEEP=SWEEP,PHILEO_SWEEP_DIR=DIR slurm/finetune_array.sh   # only unfinished tasks
+#   sbatch $(python jobs/launch_sweep.py SWEEP --site leonardo --account P --sbatch-args) slurm/finetune_array.sh
+#   sbatch $(python jobs/launch_sweep.py SWEEP ... --indices 17 --sbatch-args) slurm/finetune_array.sh  # one task
+#   python jobs/status.py DIR                                                        # tasks by state
 #   python jobs/collect_results.py DIR                                               # table + plots
 #
-# The --array range below covers slurm/sweeps/phileo_bench.yaml exactly (tests/test_sweep.py checks it); for
-# another sweep pass --array on the command line (it overrides the line below). Site settings (account,
-# partition, QOS, GPUs) go on the sbatch command line: they differ per site and a GPU request would be refused
-# on a cluster without GPUs.
+# One sweep path: `--sbatch-args` prints the options jobs/launch_sweep.py itself would submit with, from the same
+# place (walltime: the sweep file's time_per_task; pre-timeout signal: the site's signal_delay_s; the sweep
+# folder: <site run_root>/sweeps/<name>; partition, account, QOS, GPUs: the site profile and the flags), and
+# leaves out the tasks that finished or that SLURM still runs or queues. The #SBATCH lines below are the same
+# values for slurm/sweeps/phileo_bench.yaml on Leonardo (tests/test_sweep.py checks), for a bare
+# `sbatch -A P -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh`.
 #
 # Environment (all optional):
 #   PHILEO_SWEEP      sweep file, relative to the submit folder (default slurm/sweeps/phileo_bench.yaml)
 #   PHILEO_SWEEP_DIR  sweep folder: results of task i in $PHILEO_SWEEP_DIR/tasks/0000i
-#                     (default $SCRATCH or $CINECA_SCRATCH, else ./runs, + /sweeps/<sweep file name>)
+#                     (default Leonardo's run_root: $CINECA_SCRATCH/phileo/runs/sweeps/<sweep file name>)
 #   PHILEO_PYTHON     python with phileo importable (default: python on PATH)
 #   PHILEO_REPO       checkout put on PYTHONPATH (default: the submit folder)
 #   PHILEO_MAX_REQUEUES  requeues after the pre-timeout signal (default 3)
@@ -30,7 +31,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
-#SBATCH --signal=USR2@180
+#SBATCH --signal=USR2@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%A_%a.out
@@ -40,8 +41,7 @@ SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 cd "$SUBMIT_DIR"
 SWEEP=${PHILEO_SWEEP:-slurm/sweeps/phileo_bench.yaml}
 SWEEP_NAME=$(basename "$SWEEP" .yaml)
-SCRATCH_ROOT=${SCRATCH:-${CINECA_SCRATCH:-$SUBMIT_DIR/runs}}
-SWEEP_DIR=${PHILEO_SWEEP_DIR:-$SCRATCH_ROOT/sweeps/$SWEEP_NAME}
+SWEEP_DIR=${PHILEO_SWEEP_DIR:-${CINECA_SCRATCH:-$SUBMIT_DIR/runs}/phileo/runs/sweeps/$SWEEP_NAME}
 PYTHON=${PHILEO_PYTHON:-python}
 MAX_REQUEUES=${PHILEO_MAX_REQUEUES:-3}
 export PYTHONPATH=${PHILEO_REPO:-$SUBMIT_DIR}${PYTHONPATH:+:$PYTHONPATH}
@@ -51,6 +51,8 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE NO
 # Without it srun gives each task one CPU and the DataLoader workers share it.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export HF_HUB_OFFLINE=1
+# The first task records this array in the sweep folder (arrays/<id>.json) for phileo-status and re-submission.
+export PHILEO_SWEEP_LAUNCHER=finetune_array.sh
 export HDF5_USE_FILE_LOCKING=FALSE  # shared file systems without flock
 
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then

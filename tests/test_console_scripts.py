@@ -19,6 +19,7 @@ COMMANDS = {
     "phileo-sweep": "launch_sweep.py",
     "phileo-preprocess": "launch_preprocess.py",
     "phileo-results": "collect_results.py",
+    "phileo-status": "status.py",
 }
 
 

@@ -80,6 +80,11 @@ def test_sweep_stage_wrote_results_table_and_plots(demo_run):
     assert str((out / "runs" / "pretrain").resolve()) in inits
     # The demo ends by saying where things are and how to look at them.
     assert "tensorboard --logdir" in proc.stdout and "results table" in proc.stdout
+    # ... and ends with the status table: the pretraining run and every sweep task completed.
+    tail = proc.stdout.split("=== Status", 1)[1]
+    assert "state        completed" in tail and "16 completed" in tail and "on disk" in tail
+    # --wait showed live progress of the pretraining (a line per logged step with the smoothed loss).
+    assert "step 12/12 | loss " in proc.stdout
 
 
 def test_rerun_reuses_finished_stages(demo_run):

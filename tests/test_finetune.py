@@ -131,12 +131,14 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_same_result(data, tmp_path):
-    whole = run_finetuning(_cfg(data, tmp_path / "whole"))
+    # Kept (option) so that the crash below can be simulated: by default a finished run drops its checkpoint.
+    whole = run_finetuning(_cfg(data, tmp_path / "whole", **{"checkpoint.keep_after_completion": True}))
     # Stop after 4 steps (as at a pre-timeout signal), then run again in the same folder.
     first = run_finetuning(_cfg(data, tmp_path / "split", **{"train.max_steps_per_launch": 4}))
     assert first.status == "preempted" and not (tmp_path / "split" / "result.json").exists()
     second = run_finetuning(_cfg(data, tmp_path / "split"))
     assert second.status == "completed"
+    assert not list((tmp_path / "split" / "checkpoints").glob("step_*"))  # best_model.pt + result.json stay
     assert second.result["val_history"] == whole.result["val_history"]
     assert second.result["best_step"] == whole.result["best_step"]
     assert second.result["test"]["mse"] == pytest.approx(whole.result["test"]["mse"], rel=1e-9)

@@ -164,6 +164,15 @@ def test_time_limit_requeue_resumes_to_the_same_step_and_loss(pretrain_runs):
     log_txt = (run / "log.txt").read_text()
     assert "(stop signal SIGUSR2)" in log_txt, log_txt[-2000:]  # the pre-timeout signal, not the kill
     assert re.search(r"resuming from .*step_\d+ \(step \d+", log_txt), log_txt[-2000:]
+    # state.json tells the story the status command shows: queued, started, requeued once, started, completed.
+    from phileo.launch.status import status
+
+    events = [e["event"] for e in json.loads((run / "state.json").read_text())["events"]]
+    assert events == ["submitted", "started", "preempted", "requeued", "started", "completed"], events
+    shown = status(run)
+    assert (shown["state"], shown["requeues"], shown["step"]) == ("completed", 1, STEPS)
+    # --wait showed the training as it went, not just "waiting for job".
+    assert f"step {STEPS}/{STEPS} | loss " in out and "requeued" in out
 
 
 def test_dry_run_prints_exactly_the_submitted_script(pretrain_runs):

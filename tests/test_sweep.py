@@ -64,6 +64,28 @@ def test_array_script_range_matches_the_default_sweep():
     assert int(m.group(1)) < 1001, "beyond the dev cluster's (and a common site's) MaxArraySize"
 
 
+@pytest.mark.no_slurm
+def test_both_sweep_paths_take_walltime_signal_and_folder_from_the_same_place(tmp_path, monkeypatch, no_slurm_path):
+    """launch_sweep.py --sbatch-args (what finetune_array.sh is submitted with) says what launch_sweep's own
+    array asks for, and the script's #SBATCH defaults are those values for the default sweep on Leonardo."""
+    monkeypatch.setenv("CINECA_SCRATCH", str(tmp_path / "scratch"))
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_sweep.py"), str(DEFAULT_SWEEP), "--site",
+                          "leonardo", "--account", "P", "--sbatch-args"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    opts = dict(o.lstrip("-").split("=", 1) for o in out.stdout.split())
+    assert opts["time"] == sw.load_sweep(DEFAULT_SWEEP).time_per_task == "04:00:00"  # a fine-tune, not 24 h
+    assert opts["signal"] == "USR2@300"  # leonardo.yaml's signal_delay_s
+    assert f"PHILEO_SWEEP_DIR={tmp_path / 'scratch'}/phileo/runs/sweeps/phileo_bench" in opts["export"]
+    script = {k: v for k, v in re.findall(r"^#SBATCH --([\w-]+)=(\S+)", ARRAY_SCRIPT.read_text(), flags=re.M)}
+    assert {k: script[k] for k in ("array", "time", "signal", "cpus-per-task")} == \
+        {k: opts[k] for k in ("array", "time", "signal", "cpus-per-task")}
+    dry = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_sweep.py"), str(DEFAULT_SWEEP), "--site",
+                          "leonardo", "--account", "P", "--dry-run"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert "#SBATCH --time=240" in dry.stdout and "#SBATCH --signal=USR2@300" in dry.stdout, dry.stdout[-2000:]
+
+
 def test_cli_prints_count_and_array_range(tmp_path):
     path = _sweep_file(tmp_path, max_parallel=3)
     out = subprocess.run([sys.executable, "-m", "phileo.bench.sweep", "array", str(path)], capture_output=True,

@@ -196,9 +196,14 @@ class BenchTask(Task):
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def on_complete(self, run_dir: Path, result: TrainResult) -> None:
-        """best_model.pt, then result.json (written last, atomically: its presence means "finished")."""
+        """best_model.pt, then result.json (written last, atomically: its presence means "finished"), then the
+        resume checkpoint goes (checkpoint.keep_after_completion keeps it): nothing resumes a finished run."""
         if self.info.is_main:
             self.result = _write_result(self.cfg, run_dir, self, result, self._tested_model)
+            if not self.cfg.checkpoint.keep_after_completion:
+                freed = ckpt_io.CheckpointManager(run_dir, 1, self.info).remove_all()
+                log.info("deleted the resume checkpoint (%.1f MB; best_model.pt and result.json stay; "
+                         "checkpoint.keep_after_completion=true keeps it)", freed / 1e6)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_val_loss": self.best_val_loss, "best_step": self.best_step, "history": self.history,
@@ -234,8 +239,22 @@ class BenchTask(Task):
 
     def hparams(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
-        return {"model": m.name, "init": m.init, "freeze_encoder": m.freeze_encoder, "task": d.task,
-                "n_shot": d.n_shot, "nshot_seed": d.nshot_seed}
+        out = {"model": m.name, "init": m.init, "freeze_encoder": m.freeze_encoder, "task": d.task,
+               "n_shot": d.n_shot, "nshot_seed": d.nshot_seed}
+        # A sweep task (spec.json, written by phileo.bench.sweep before training): its label and place in the grid,
+        # so TensorBoard's HPARAMS tab lines up the sweep.
+        spec_path = Path(self.cfg.run.dir) / "spec.json"
+        if spec_path.is_file():
+            try:
+                spec = read_json(spec_path, "sweep task spec")
+                out.update({"sweep_label": spec.get("model"), "sweep_index": spec.get("index"),
+                            "sweep": Path(str(spec.get("sweep") or "")).stem})
+            except ValueError:
+                pass
+        return out
+
+    def hparam_metrics(self) -> list[str]:
+        return ["loss/total", "val/loss", f"test/{'overall_accuracy' if self.task == 'lc' else 'rmse'}"]
 
 
 @dataclass

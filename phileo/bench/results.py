@@ -11,8 +11,11 @@ finished task, failed.json per failed one) and writes, into the sweep folder unl
 - plots/{task}_{metric}.png: the primary metric vs n-shot (log axis), one line per model, error bars = std over
   seeds, like the paper's figures.
 
-Task status: completed (result.json), failed (failed.json), incomplete (its folder exists but holds neither:
-running, waiting for a requeue, or killed without a trace, e.g. out of memory), missing (never started).
+Task status: completed (result.json), running or pending (SLURM lists it: running, queued, or back in the queue
+after a requeue), failed (failed.json), incomplete (its folder exists but holds neither and SLURM does not list
+it: killed without a trace, e.g. out of memory), missing (never started). Running and pending tasks are never
+suggested for re-submission (that would start a second writer in the same folder); the re-run command is the
+one of the path the sweep was launched with (jobs/launch_sweep.py, or sbatch slurm/finetune_array.sh).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any, Iterable, Sequence
 
 from phileo import exit_codes
 from phileo.fsutil import atomic_path, atomic_write_text, read_json
-from phileo.bench.sweep import FAILED_FILE, RESULT_FILE, SPEC_FILE, format_array_spec, task_dir
+from phileo.bench.sweep import (FAILED_FILE, RESULT_FILE, SPEC_FILE, format_array_spec, queued_tasks, read_arrays,
+                                task_dir)
 
 # Metric shown first for each task (the paper's), and whether lower is better.
 PRIMARY_METRIC = {"roads": "rmse", "building": "rmse", "lc": "overall_accuracy"}
@@ -39,7 +43,7 @@ TABLE_METRICS = {"roads": ("rmse", "mae", "f1"), "building": ("rmse", "mae", "f1
 LOWER_IS_BETTER = {"mse", "rmse", "mae"}
 METRIC_LABELS = {"rmse": "RMSE", "mse": "MSE", "mae": "MAE", "f1": "F1 (thr. 0.5)", "overall_accuracy": "accuracy",
                  "miou": "mIoU", "macro_f1": "macro F1"}
-STATUSES = ("completed", "failed", "incomplete", "missing")
+STATUSES = ("completed", "running", "pending", "failed", "incomplete", "missing")
 
 
 @dataclass
@@ -67,6 +71,7 @@ class SweepResults:
     name: str
     records: list[TaskRecord]
     cells: list[dict[str, Any]]
+    slurm_asked: bool = False  # whether the queue was asked (running/pending are known only then)
 
     def by_status(self, status: str) -> list[TaskRecord]:
         return [r for r in self.records if r.status == status]
@@ -133,13 +138,19 @@ def summarise(records: Iterable[TaskRecord]) -> list[dict[str, Any]]:
     return cells
 
 
-def collect_results(sweep_dir: str | Path) -> SweepResults:
-    """Reads a sweep folder (its sweep.json grid and every task folder) into records and table cells."""
+def collect_results(sweep_dir: str | Path, ask_slurm: bool = True) -> SweepResults:
+    """Reads a sweep folder (its sweep.json grid and every task folder) into records and table cells; a task that
+    SLURM lists as running or pending (queued_tasks) is that, whatever its folder holds so far."""
     sweep_dir = Path(sweep_dir)
     snap = read_json(sweep_dir / "sweep.json",
                      f"sweep snapshot (no array task of the sweep in {sweep_dir} has started yet?)")
     records = [read_task(sweep_dir, spec) for spec in snap["tasks"]]
-    return SweepResults(sweep_dir, snap.get("name", sweep_dir.name), records, summarise(records))
+    queued = queued_tasks(sweep_dir) if ask_slurm else None
+    for r in records:
+        entry = (queued or {}).get(r.index)
+        if entry is not None and entry.active and r.status != "completed":
+            r.status, r.error = ("pending" if entry.pending else "running"), ""
+    return SweepResults(sweep_dir, snap.get("name", sweep_dir.name), records, summarise(records), queued is not None)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -170,12 +181,31 @@ def _order(values: Iterable[Any], first_seen: list[Any]) -> list[Any]:
 
 
 def rerun_hint(results: SweepResults) -> str | None:
+    """The command that re-submits exactly the tasks that are neither finished nor running nor pending, by the
+    path the sweep was launched with (its newest array record); None when there are none."""
     todo = [r.index for r in results.records if r.status in ("failed", "missing", "incomplete")]
     if not todo:
         return None
     snap = read_json(results.sweep_dir / "sweep.json", "sweep snapshot")
+    arrays = read_arrays(results.sweep_dir)
+    launcher = arrays[-1] if arrays else {}
+    sweep_dir = results.sweep_dir.resolve()
+    if launcher.get("launcher") == "launch_sweep":
+        site = f" --site {launcher['site']}" if launcher.get("site") else ""
+        return (f"python jobs/launch_sweep.py {launcher.get('sweep') or snap.get('source')} --out {sweep_dir}{site} "
+                f"--indices {format_array_spec(todo)}")
     return (f"sbatch --array={format_array_spec(todo)} --export=ALL,PHILEO_SWEEP={snap.get('source')},"
-            f"PHILEO_SWEEP_DIR={results.sweep_dir.resolve()} slurm/finetune_array.sh")
+            f"PHILEO_SWEEP_DIR={sweep_dir} slurm/finetune_array.sh")
+
+
+def unasked_note(results: SweepResults) -> str | None:
+    """Said when SLURM could not be asked: unfinished tasks may still be running."""
+    unsure = [r.index for r in results.records if r.status == "incomplete"]
+    if results.slurm_asked or not unsure:
+        return None
+    return (f"SLURM was not asked (no squeue here, or no array recorded in {results.sweep_dir / 'arrays'}): tasks "
+            f"{format_array_spec(unsure)} may still be running or queued; check with phileo-status "
+            f"{results.sweep_dir} on the login node before re-submitting them")
 
 
 def markdown_report(results: SweepResults) -> str:
@@ -221,6 +251,8 @@ def markdown_report(results: SweepResults) -> str:
             lines += [f"Missing or unfinished ({len(missing)}): indices "
                       f"{format_array_spec([r.index for r in missing])}", ""]
         lines += ["Re-run them with:", "", "```", rerun_hint(results) or "", "```", ""]
+        if note := unasked_note(results):
+            lines += [note, ""]
     return "\n".join(lines)
 
 
@@ -307,12 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.REFUSED
     res = outs.results
-    counts = {s: len(res.by_status(s)) for s in ("completed", "failed", "incomplete", "missing")}
+    counts = {s: len(res.by_status(s)) for s in STATUSES}
     print(f"sweep {res.name}: {len(res.records)} tasks, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     print(f"wrote {outs.csv}\nwrote {outs.markdown}")
     for p in outs.plots:
         print(f"wrote {p}")
-    for status in ("failed", "incomplete", "missing"):
+    for status in ("running", "pending", "failed", "incomplete", "missing"):
         recs = res.by_status(status)
         if recs:
             print(f"{status} array tasks: {format_array_spec([r.index for r in recs])}")
@@ -320,5 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {r.index}: {r.error.splitlines()[0][:200] if r.error else 'no message'}")
     hint = rerun_hint(res)
     if hint:
-        print(f"re-run them with:\n  {hint}")
-    return exit_codes.FAILED if args.strict and hint else exit_codes.OK
+        print(f"re-run the failed, missing and incomplete ones (not the running or pending) with:\n  {hint}")
+    if note := unasked_note(res):
+        print(note)
+    unfinished = any(r.status != "completed" for r in res.records)
+    return exit_codes.FAILED if args.strict and unfinished else exit_codes.OK

@@ -4,6 +4,8 @@ A sweep file (YAML, e.g. slurm/sweeps/phileo_bench.yaml):
 
     name: phileo_bench          # optional (default: the file name)
     max_parallel: 32            # optional: at most this many array tasks run at once (the %K of --array)
+    time_per_task: "04:00:00"   # optional: walltime of one task (default DEFAULT_TASK_TIME, sized for a
+                                # fine-tune, not the site maximum: short jobs backfill); requeues cover the rest
     base:                       # FinetuneConfig overrides shared by every task (dotted keys)
       data.root: ${PHILEO_BENCH_DATA}
       finetune.max_epochs: 250
@@ -57,7 +59,8 @@ from phileo.ranges import format_ranges
 
 # Grid axis -> config key it sets.
 AXES = {"task": "data.task", "n_shot": "data.n_shot", "lr": "optim.lr", "seed": "train.seed"}
-SWEEP_KEYS = ("name", "max_parallel", "base", "models", "tasks", "n_shots", "lrs", "seeds")
+SWEEP_KEYS = ("name", "max_parallel", "time_per_task", "base", "models", "tasks", "n_shots", "lrs", "seeds")
+DEFAULT_TASK_TIME = "04:00:00"
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
 SPEC_FILE = "spec.json"
@@ -101,6 +104,7 @@ class Sweep:
     lrs: list[float]
     seeds: list[int]
     max_parallel: int | None = None
+    time_per_task: str = DEFAULT_TASK_TIME
 
     @property
     def size(self) -> int:
@@ -164,7 +168,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     sweep = Sweep(
         path=path, name=str(doc.get("name") or path.stem), base=dict(base), models=models,
         tasks=_as_list(doc, "tasks", path, str), n_shots=_as_list(doc, "n_shots", path, int),
-        lrs=_as_list(doc, "lrs", path, float), seeds=_as_list(doc, "seeds", path, int), max_parallel=max_parallel)
+        lrs=_as_list(doc, "lrs", path, float), seeds=_as_list(doc, "seeds", path, int), max_parallel=max_parallel,
+        time_per_task=str(doc.get("time_per_task") or DEFAULT_TASK_TIME))
     for where, mapping in [("base", base)] + [(f"model '{m['label']}'", m) for m in models]:
         clash = sorted(set(mapping) & set(AXES.values()))
         if clash:
@@ -246,8 +251,71 @@ def task_failed(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | None
 
 
 def pending_indices(sweep_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[int]:
-    """Indices of the sweep's tasks that have not finished in `out_dir` (failed, running or never started)."""
-    return [s.index for s in expand_sweep(sweep_path) if not task_finished(out_dir, s.index)]
+    """Indices of the sweep's tasks to submit again: not finished in `out_dir`, and not running or pending in
+    SLURM's queue (re-submitting those would start a second writer in the same task folder)."""
+    busy = active_tasks(out_dir) or set()
+    return [s.index for s in expand_sweep(sweep_path) if not task_finished(out_dir, s.index) and s.index not in busy]
+
+
+ARRAYS_DIR = "arrays"
+LAUNCHERS = ("launch_sweep", "finetune_array.sh")
+
+
+def record_array(out_dir: str | os.PathLike, job_id: str, launcher: str, tasks: Sequence[int] | None = None,
+                 sweep_path: str | os.PathLike | None = None, site: str | None = None) -> Path:
+    """OUT/arrays/<job_id>.json: one submitted array and which sweep task each array index runs (`tasks[k]` for
+    array index k; None: index k is sweep task k, as with finetune_array.sh). One file per array, written
+    atomically, so concurrent writers never lose one. Status and re-submission read these."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    record = {"job_id": str(job_id), "launcher": launcher, "tasks": None if tasks is None else list(tasks),
+              "sweep": str(Path(sweep_path).resolve()) if sweep_path else None, "site": site,
+              "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return atomic_write_json(Path(out_dir) / ARRAYS_DIR / f"{job_id}.json", record)
+
+
+def read_arrays(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The sweep folder's array records, oldest first (unreadable ones are skipped: they are a cache of squeue)."""
+    folder = Path(out_dir) / ARRAYS_DIR
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            records.append(read_json(path, "array record"))
+        except ValueError:
+            continue
+    return sorted(records, key=lambda r: (r.get("time") or "", str(r.get("job_id"))))
+
+
+def queued_tasks(out_dir: str | os.PathLike) -> dict[int, Any] | None:
+    """{sweep task index: its phileo.slurm_queue.QueueEntry} for every task SLURM still lists (or sacct knows) of
+    the arrays recorded in the sweep folder; a later array wins. None when SLURM cannot be asked (no squeue, no
+    answer, or no array recorded): then nothing is known about the queue."""
+    from phileo.slurm_queue import have_squeue, queue_states
+
+    arrays = read_arrays(out_dir)
+    if not arrays or not have_squeue():
+        return None  # run locally, or nothing recorded: the queue cannot be asked about this sweep
+    states = queue_states(str(a["job_id"]) for a in arrays)
+    if states is None:
+        return None
+    out: dict[int, Any] = {}
+    for a in arrays:
+        tasks = a.get("tasks")
+        for job, entry in states.items():
+            base, _, k = job.partition("_")
+            if base != str(a["job_id"]) or not k.isdigit():
+                continue
+            k = int(k)
+            index = k if tasks is None else (tasks[k] if k < len(tasks) else None)
+            if index is not None:
+                out[index] = entry
+    return out
+
+
+def active_tasks(out_dir: str | os.PathLike) -> set[int] | None:
+    """Sweep task indices that are running or pending (requeued included); None when SLURM cannot be asked."""
+    queued = queued_tasks(out_dir)
+    return None if queued is None else {i for i, e in queued.items() if e.active}
 
 
 def _snapshot(sweep_path: Path, specs: list[TaskSpec]) -> dict[str, Any]:
@@ -345,6 +413,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
     rank0 = _global_rank() == 0
     if rank0:
         write_sweep_snapshot(sweep_path, out_dir, specs)
+        _record_own_array(out_dir, sweep_path)
     if task_finished(out_dir, index):
         print(f"sweep task {index} ({spec.name}) already finished: {run_dir / RESULT_FILE}; nothing to do",
               flush=True)
@@ -353,6 +422,7 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a re-run replaces the old failure record
         atomic_write_json(run_dir / SPEC_FILE, {**spec.to_dict(), "sweep": str(Path(sweep_path).resolve())})
+        link_tensorboard(out_dir, spec)
     try:
         cfg = build_task_config(spec, run_dir)
         from phileo.bench.finetune import run_finetuning
@@ -370,6 +440,35 @@ def run_sweep_task(sweep_path: str | os.PathLike, index: int, out_dir: str | os.
         raise RuntimeError(f"sweep task {index} ({spec.name}) failed; see {run_dir / FAILED_FILE}")
     payload = read_json(run_dir / RESULT_FILE, "task result") if status == "completed" else None
     return TaskOutcome(int(index), status, run_dir, payload)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def link_tensorboard(out_dir: str | os.PathLike, spec: TaskSpec) -> Path:
+    """OUT/tensorboard/<task label> -> ../tasks/NNNNN/tensorboard, so that `tensorboard --logdir OUT/tensorboard`
+    names each run by its label (cnn44m_published_roads_n50_lr0.001_s0), not by its index. Replaced atomically."""
+    folder = Path(out_dir) / TENSORBOARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / spec.name
+    tmp = folder / f".{spec.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(task_dir(out_dir, spec.index) / "tensorboard", folder), tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def _record_own_array(out_dir: str | os.PathLike, sweep_path: str | os.PathLike) -> None:
+    """Under slurm/finetune_array.sh (plain sbatch: no launcher recorded the array) the first task to start records
+    its array, whose index k is sweep task k, so that status and re-submission can ask squeue about the rest."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if os.environ.get("PHILEO_SWEEP_LAUNCHER") != "finetune_array.sh" or not array:
+        return
+    if not (Path(out_dir) / ARRAYS_DIR / f"{array}.json").exists():
+        try:
+            record_array(out_dir, array, "finetune_array.sh", None, sweep_path, os.environ.get("PHILEO_SITE"))
+        except OSError as e:  # status loses its queue view of this array; the task itself is unaffected
+            print(f"could not record array {array} in {out_dir}: {e}", file=sys.stderr)
 
 
 def _write_failure(run_dir: Path, spec: TaskSpec, error: BaseException) -> None:
@@ -399,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_list.add_argument("sweep", type=Path)
     p_count = sub.add_parser("count", help="print the number of tasks")
     p_count.add_argument("sweep", type=Path)
-    p_array = sub.add_parser("array", help="print the sbatch --array value (with --out: unfinished tasks only)")
+    p_array = sub.add_parser("array", help="print the sbatch --array value (with --out: only tasks neither "
+                                           "finished nor running nor pending)")
     p_array.add_argument("sweep", type=Path)
     p_array.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -414,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             indices = (pending_indices(args.sweep, args.out) if args.out
                        else range(len(expand_sweep(args.sweep))))
             if not indices:
-                print(f"every task of {args.sweep} has finished in {args.out}", file=sys.stderr)
+                print(f"every task of {args.sweep} has finished in {args.out}, or is running or pending",
+                      file=sys.stderr)
                 return exit_codes.OK
             print(format_array_spec(indices, sweep.max_parallel))
         elif args.cmd == "run":

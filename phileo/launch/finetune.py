@@ -30,6 +30,8 @@ from phileo.launch.preflight import (PreflightReport, absent_here, check_limits,
                                      live_checks, not_here_note, preflight, run_dir_report)
 from phileo.launch.pretrain import wait_and_report
 from phileo.launch.resources import job_cost
+from phileo.launch.status import SweepProgress
+from phileo.run_state import record_job_id, record_pending
 from phileo.launch.submit import (base_job_id, check_local_request, make_plan, prepare_run_dir, read_task_result,
                                   resolve_cluster, submit, submit_array, update_launch_record, wait_for)
 from phileo.ranges import format_ranges as _ranges
@@ -119,9 +121,11 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
         return refused
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
+    record_pending(run_dir)
     job = submit(plan, TrainingJob("finetune", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), job_ids=[job.job_id])
+    record_job_id(run_dir, job.job_id)
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"TensorBoard: {cli.tensorboard_line(run_dir)}")
@@ -188,6 +192,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                    help="only these task indices, e.g. '17' or '0-9,17' (re-run a failed task alone)")
     g.add_argument("--all", action="store_true", help="also submit tasks that already finished (they exit at once)")
     g.add_argument("--max-array-size", type=int, default=None, help="override the site's MaxArraySize")
+    g.add_argument("--sbatch-args", action="store_true",
+                   help="print the sbatch options that submit this sweep through slurm/finetune_array.sh instead "
+                        "(sbatch $(... --sbatch-args) slurm/finetune_array.sh): the same walltime, signal and "
+                        "sweep folder as this launcher's own array")
     cli.add_run_args(p)
     return p
 
@@ -215,7 +223,8 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_sweep(args: argparse.Namespace) -> int:
-    from phileo.bench.sweep import SweepError, expand_sweep, load_sweep, task_finished
+    from phileo.bench.sweep import (SweepError, active_tasks, expand_sweep, load_sweep, record_array,
+                                    task_finished)
 
     sweep_path = Path(args.sweep).absolute()
     try:
@@ -226,8 +235,11 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     site = cli.pick_site(args.site, args.cluster)
     if args.gpus_per_node is None:
         args.gpus_per_node = 1  # one fine-tuning run per array task, on one GPU
+    if args.time is None:
+        args.time = sweep.time_per_task  # sized for one fine-tune (the sweep file), not the site's maximum
     res = cli.resources_from_args(site, args, default_job_name=f"sweep-{sweep.name}")
-    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run)
+    # --sbatch-args only prints, like a dry run: no SLURM needed on this machine.
+    cluster = resolve_cluster(args.cluster, site, res.nodes, args.dry_run or args.sbatch_args)
     opts = cli.submit_options(args)
     out = Path(args.out).expanduser().absolute() if args.out else site.resolve_run_root() / "sweeps" / sweep.name
     indices = parse_indices(args.indices) if args.indices else [s.index for s in specs]
@@ -237,11 +249,19 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     finished = [i for i in indices if task_finished(out, i)]
     if not args.all:
         indices = [i for i in indices if i not in finished]
+    # Never a second writer: tasks SLURM still runs or queues are left alone, --all or not.
+    busy = sorted(set(indices) & (active_tasks(out) or set())) if cluster == "slurm" else []
+    indices = [i for i in indices if i not in busy]
+    if busy:
+        print(f"skipping tasks {_ranges(busy)}: running or pending in SLURM (see phileo-status {out})")
     if not indices:
-        print(f"every selected task of {sweep_path.name} has finished in {out}; nothing to submit "
-              f"(--all to run them again)")
+        print(f"every selected task of {sweep_path.name} has finished in {out} or is running or pending; nothing "
+              f"to submit" + ("" if args.all else " (--all to run finished ones again)"))
         return cli.EXIT_OK
     parallel = args.parallel or sweep.max_parallel or len(indices)
+    if args.sbatch_args:
+        print(" ".join(finetune_array_args(site, res, sweep_path, out, indices, parallel)))
+        return cli.EXIT_OK
     max_array = args.max_array_size or site_max_array_size(site, ask_slurm=cluster == "slurm")
     groups = split_for_arrays(indices, max_array)
 
@@ -284,10 +304,12 @@ def _launch_sweep(args: argparse.Namespace) -> int:
         fns = [TrainingJob("sweep_task", {"sweep_path": str(sweep_path), "index": i, "out_dir": str(out)},
                            max_requeues=res.max_requeues) for i in group]
         if cluster == "local":
-            jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s)
+            jobs = _run_local_batches(plan, fns, parallel, args.wait_timeout_s, SweepProgress(out))
         else:
             jobs = submit_array(plan, fns)
         array_id = base_job_id(jobs[0].job_id)
+        if cluster == "slurm":  # status and re-submission map array index k -> sweep task group[k] through it
+            record_array(out, array_id, "launch_sweep", group, sweep_path, site.name)
         array_ids.append(array_id)
         previous = array_id
         all_jobs += jobs
@@ -299,7 +321,30 @@ def _launch_sweep(args: argparse.Namespace) -> int:
     print(f"results:      python jobs/collect_results.py {out}")
     if not (args.wait or cluster == "local"):
         return cli.EXIT_OK
-    return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s)
+    return _sweep_report(all_jobs, [i for g in groups for i in g], args.wait_timeout_s, SweepProgress(out))
+
+
+def finetune_array_args(site: Any, res: Any, sweep_path: Path, out: Path, indices: Sequence[int],
+                        parallel: int) -> list[str]:
+    """The sbatch options for slurm/finetune_array.sh that match this launcher's array: walltime (the sweep
+    file's time_per_task unless --time), the pre-timeout signal (the site's signal_delay_s), partition,
+    account, QOS, GPUs and the sweep folder (<site run_root>/sweeps/<name> unless --out). One source for both
+    paths; shell-quoted."""
+    import shlex
+
+    from phileo.bench.sweep import format_array_spec
+    from phileo.launch.sites import format_minutes
+
+    opts = [f"--array={format_array_spec(indices, parallel)}", f"--time={format_minutes(res.time_min)}",
+            f"--signal=USR2@{res.signal_delay_s}", f"--job-name={res.job_name}"]
+    opts += [f"--{k}={v}" for k, v in (("partition", res.partition), ("account", res.account), ("qos", res.qos))
+             if v]
+    if res.gpus_per_node:
+        opts.append(f"--gres=gpu:{res.gpus_per_node}")
+    opts.append(f"--cpus-per-task={res.cpus_per_task}")
+    opts.append(f"--export=ALL,PHILEO_SWEEP={sweep_path},PHILEO_SWEEP_DIR={out},PHILEO_SITE={site.path or site.name},"
+                f"PHILEO_MAX_REQUEUES={res.max_requeues}")
+    return [shlex.quote(o) for o in opts]
 
 
 _SWEEP_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")  # what phileo.bench.sweep.expand_env expands on the node
@@ -331,19 +376,20 @@ def check_sweep_inputs(site: Any, sweep_path: Path, specs: Sequence[Any]) -> tup
     return [f"sweep {sweep_path.name}: {p}" for p in problems], notes
 
 
-def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float]) -> list[Any]:
-    """Local stand-in for an array: `parallel` task groups at a time."""
+def _run_local_batches(plan: Any, fns: list[Any], parallel: int, timeout_s: Optional[float],
+                       progress: Any = None) -> list[Any]:
+    """Local stand-in for an array: `parallel` task groups at a time; progress.poll() while they run."""
     jobs: list[Any] = []
     for k in range(0, len(fns), parallel):
         batch = [submit(plan, f) for f in fns[k:k + parallel]]
-        wait_for(batch, timeout_s=timeout_s, poll_s=1.0)
+        wait_for(batch, timeout_s=timeout_s, poll_s=1.0, on_poll=progress.poll if progress else None)
         jobs += batch
     return jobs
 
 
-def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float]) -> int:
+def _sweep_report(jobs: list[Any], indices: list[int], timeout_s: Optional[float], progress: Any = None) -> int:
     try:
-        wait_for(jobs, timeout_s=timeout_s)
+        wait_for(jobs, timeout_s=timeout_s, on_poll=progress.poll if progress else None)
     except TimeoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED

@@ -207,6 +207,29 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def can_requeue(self) -> bool:
         return self.kind.requeue and self.requeue_count < self.max_requeues
 
+    @property
+    def run_dir(self) -> Optional[Path]:
+        """The run folder this job trains in (state.json lives there); None for a kind without one."""
+        if "config" in self.payload:
+            d = (self.payload["config"].get("run") or {}).get("dir")
+            return Path(d) if d else None
+        if "out_dir" in self.payload and "index" in self.payload:
+            from phileo.bench.sweep import task_dir
+
+            return task_dir(self.payload["out_dir"], self.payload["index"])
+        return None
+
+    def _record(self, state: str, detail: str, **fields: Any) -> None:
+        """state.json of the run (status command); never fails the job."""
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return
+        from phileo.run_state import update_state
+
+        try:
+            update_state(self.run_dir, state, event=state, detail=detail, **fields)
+        except (OSError, ValueError) as e:
+            print(f"[phileo.launch] could not update {self.run_dir / 'state.json'}: {e}", file=sys.stderr)
+
     def resubmission(self) -> "TrainingJob":
         """This job as the requeued run will execute it (one more requeue counted)."""
         return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count + 1)
@@ -235,6 +258,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
                   f"{self.how_to_continue}.", file=sys.stderr, flush=True)
             return
         save_resubmission(env.paths.submitted_pickle, self.resubmission())
+        # Before the request: locally it ends this process at once.
+        self._record("requeued", f"at step {step}", requeues=self.requeue_count + 1)
         print(f"[phileo.launch] job {env.job_id} preempted at step {step}: checkpoint written, requeueing "
               f"({self.requeue_count + 1}/{self.max_requeues}); the requeued job resumes from it.",
               file=sys.stderr, flush=True)
@@ -242,6 +267,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             request_requeue(env.cluster, env.job_id)
         except RequeueRefused as e:
             # scancel'ed jobs cannot be requeued: the checkpoint is written, so report and end normally.
+            self._record("preempted", f"requeue refused: {e}", requeues=self.requeue_count, reason=str(e))
             print(f"[phileo.launch] job {env.job_id}: requeue refused ({e}); the checkpoint at step {step} is "
                   f"kept: to go on, {self.how_to_continue}.", file=sys.stderr, flush=True)
             return

@@ -25,6 +25,7 @@ from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
+from phileo.run_state import record_job_id, record_pending
 from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
                                   resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
@@ -162,9 +163,11 @@ def _launch(args: argparse.Namespace) -> int:
 
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
+    record_pending(run_dir, cfg.train.steps)
     job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
+    record_job_id(run_dir, job.job_id)
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")
     print(f"run folder:  {run_dir}")
     print(f"job logs:    {run_dir / 'logs'}")
@@ -174,15 +177,25 @@ def _launch(args: argparse.Namespace) -> int:
     return wait_and_report(job, run_dir, args.wait_timeout_s)
 
 
+def _readable(value: Any) -> str:
+    """Floats (the final loss: the mean of the last log window) to 4 significant figures."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) -> int:
     """Blocks until the job (requeues included) has ended; prints and returns its exit status (the job's final
     status through phileo.exit_codes.for_status; FAILED when it left no result)."""
-    print(f"waiting for job {job.job_id} (requeues included) ...", flush=True)
+    from phileo.launch.status import ProgressPrinter
+
+    print(f"waiting for job {job.job_id} (requeues included); progress every logged step:", flush=True)
+    progress = ProgressPrinter(run_dir)
     try:
-        wait_for([job], timeout_s=timeout_s)
+        wait_for([job], timeout_s=timeout_s, poll_s=2.0, on_poll=progress.poll)
     except TimeoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED
+    finally:
+        progress.close()
     outcome = read_task_result(job, 0)
     if outcome is None:
         print(f"job {job.job_id} ended without a result from rank 0 (killed, out of memory, or cancelled); "
@@ -195,7 +208,7 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
     status = getattr(value, "status", None)
     # Pretraining returns a TrainResult (step, final_loss); fine-tuning a FinetuneResult whose `train` holds one.
     train = value if hasattr(value, "step") else getattr(value, "train", None)
-    details = "".join(f" {k}={getattr(train, k)}" for k in ("step", "final_loss") if hasattr(train, k))
+    details = "".join(f" {k}={_readable(getattr(train, k))}" for k in ("step", "final_loss") if hasattr(train, k))
     message = getattr(value, "message", "")
     print(f"job {job.job_id} ended: status={status}{details}" + (f" ({message})" if message else ""))
     return exit_codes.for_status(status)

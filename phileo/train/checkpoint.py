@@ -152,11 +152,16 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     found = list_checkpoints(run_dir)
     doomed = [p for _, p in found[:-keep_last]] if keep_last > 0 else []
     for p in doomed:
-        # Rename first so a reader never sees a half-deleted folder under a complete-looking name.
-        trash = p.with_name(f".{p.name}.deleting")
-        os.replace(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        delete_checkpoint(p)
     return doomed
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Deletes one checkpoint folder, renamed first so a reader never sees a half-deleted folder under a
+    complete-looking name."""
+    trash = path.with_name(f".{path.name}.deleting")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_file(obj: Any, path: str | os.PathLike) -> Path:
@@ -346,6 +351,17 @@ class CheckpointManager:
         if self.info.is_main:
             write_done(self.run_dir, step, final_loss, **extra)
 
+    def remove_all(self) -> int:
+        """Deletes every checkpoint of the run (global rank 0), e.g. a finished fine-tune's resume state once
+        its outputs are written; returns the bytes freed. Each folder is renamed first, as in retention."""
+        if not self.info.is_main:
+            return 0
+        freed = 0
+        for _, p in self.list():
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            delete_checkpoint(p)
+        return freed
+
     def clear_done(self) -> None:
         """Removes DONE (global rank 0): train.steps was raised past a finished run."""
         if self.info.is_main:
@@ -353,6 +369,6 @@ class CheckpointManager:
 
 
 __all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "CHECKPOINTS", "DONE", "checkpoint_dir", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
-           "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints",
+           "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints", "delete_checkpoint",
            "fsync_tree", "make_tree_group_readable", "save_file", "load_file", "rank_state_path",
            "capture_rng_state", "restore_rng_state", "load_model_state", "write_done", "read_done"]

@@ -53,8 +53,10 @@ from phileo.train import dist
 from phileo.train.checkpoint import CheckpointManager, capture_rng_state, checkpoint_step, restore_rng_state
 from phileo.train.evaluate import EvaluationInterrupted, Evaluator
 from phileo.train.loader import build_loader, to_device
-from phileo.train.metrics import MetricsLogger, ThroughputWindow, host_record, peak_tflops, write_env_json
+from phileo.train.metrics import (LossWindow, MetricsLogger, ThroughputWindow, fmt4, host_record, peak_tflops,
+                                  write_env_json)
 from phileo.train.precision import autocast, resolve_precision
+from phileo.train.run_recorder import RunStateRecorder
 from phileo.train.stop import Decision, StopPolicy
 from phileo.train.strategy import build_strategy
 
@@ -67,6 +69,7 @@ class TrainResult:
     (stopped with a checkpoint by a signal or train.max_steps_per_launch: run again to continue), "failed"
     (non-finite loss or gradient; `message` says where). step: the last optimizer step taken; final_loss: the
     mean loss of that step over all ranks (None if no step was taken in this or an earlier launch).
+    final_loss is the mean over the last run.log_every_steps steps (LossWindow), not one batch.
     metrics: the task's test scalars when it has a test and it ran."""
 
     status: str
@@ -161,6 +164,10 @@ class Task:
     def hparams(self) -> dict[str, Any]:
         return {}
 
+    def hparam_metrics(self) -> list[str]:
+        """Scalar tags TensorBoard's HPARAMS tab shows beside the hparams."""
+        return ["loss/total"]
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -203,6 +210,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.info)
         self.stop = StopPolicy.from_config(cfg)
         self.metrics = MetricsLogger(self.run_dir, self.info.global_rank, cfg.run.tensorboard)
+        self.state = RunStateRecorder(self.run_dir, self.info.is_main)  # state.json, for phileo-status
+        self.losses = LossWindow(cfg.run.log_every_steps)
         self.model: nn.Module | None = None
         self.strategy: Any = None
         self.evaluator: Evaluator | None = None
@@ -214,6 +223,11 @@ class Trainer:
     @property
     def world_batch(self) -> int:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.info.world_size
+
+    @property
+    def final_loss(self) -> float | None:
+        """The mean loss of the last run.log_every_steps steps (the last step's before any window exists)."""
+        return self.losses.total if self.losses.steps else self.last_loss
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 CPU weights of the bare model (on every rank; collective under zero3, so call it on all ranks)."""
@@ -334,6 +348,7 @@ class Trainer:
         resumed = self.checkpoints.load(latest, self.strategy, cfg.train.strategy)
         self.task.load_state_dict(resumed.trainer.get("task", {}))
         self.last_loss = resumed.trainer.get("last_loss")
+        self.losses.load_state_dict(resumed.trainer.get("loss_window"))
         self.step = checkpoint_step(latest)
         self.stop.start(self.step)
         if resumed.rank is not None:
@@ -370,7 +385,8 @@ class Trainer:
                 "precision": precision, "global_batch": self.world_batch,
                 "resumed_from": str(latest) if latest else None})
         self.metrics.open_writers(self.step)
-        self.metrics.hparams(self._hparams(n_params), ["loss/total"])
+        self.state.started(self.step, cfg.train.steps, info)
+        self.metrics.hparams(self._hparams(n_params), self.task.hparam_metrics())
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,
                  info.source, cfg.train.strategy, info.device, precision, n_params / 1e6,
@@ -408,6 +424,7 @@ class Trainer:
                                        f"finite loss ({loss:.6g}): lower optim.lr, or check the inputs")
         self.step = step_no
         self.last_loss = loss
+        self.losses.add(loss, terms)
         self.throughput.add(time.perf_counter() - t_step, data_wait)
         return StepOutput(loss, terms, lr_used, grad_norm, stop_requested, kept)
 
@@ -461,8 +478,9 @@ class Trainer:
         if step % self.cfg.run.log_every_steps == 0 or step == self.cfg.train.steps or out.stop_requested:
             self.metrics.log_step(step, self.cfg.train.steps, {
                 "loss/total": out.loss, **{f"loss/{k}": v for k, v in out.terms.items()},
-                "lr": out.lr, "grad_norm": out.grad_norm,  # None: not logged
+                **self.losses.mean(), "lr": out.lr, "grad_norm": out.grad_norm,  # None: not logged
                 **self.throughput.scalars()})
+            self.state.progress(step)
         if out.kept is not None:
             with torch.no_grad():
                 self.metrics.images(step, self.task.images(*out.kept))
@@ -482,11 +500,13 @@ class Trainer:
         t0 = time.perf_counter()
         final = self.checkpoints.save(
             step, self.strategy, payload={"step": step, "config": to_dict(self.cfg)},
-            trainer_state={"step": step, "last_loss": self.last_loss, "task": self.task.state_dict(),
+            trainer_state={"step": step, "last_loss": self.last_loss, "loss_window": self.losses.state_dict(),
+                           "task": self.task.state_dict(),
                            "strategy": self.cfg.train.strategy, "world_size": self.info.world_size},
             rank_state={"rng": capture_rng_state(), "samples_consumed": self.samples_consumed,
                         "world_size": self.info.world_size, "step": step})
         log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+        self.state.checkpoint(step, final)
         return final
 
     # ------------------------------------------------------------------------------------------- endings
@@ -498,16 +518,19 @@ class Trainer:
         log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", self.step,
                  self.cfg.train.steps, decision.why)
         self.metrics.flush()
-        return TrainResult("preempted", self.step, self.last_loss, self.run_dir, message=decision.why)
+        self.state.ended("preempted", self.step, self.final_loss, decision.why)
+        return TrainResult("preempted", self.step, self.final_loss, self.run_dir, message=decision.why)
 
     def _finish(self, step: int, saved: bool, stopped_early: bool = False) -> TrainResult:
         if not saved:
             self.save_checkpoint(step)
-        self.checkpoints.mark_done(step, self.last_loss, stopped_early=stopped_early)
+        self.checkpoints.mark_done(step, self.final_loss, stopped_early=stopped_early)
         dist.barrier()
-        log.info("training complete at step %d (final loss %s)", step,
-                 f"{self.last_loss:.6g}" if self.last_loss is not None else "n/a")
-        return TrainResult("completed", step, self.last_loss, self.run_dir,
+        log.info("training complete at step %d (final loss %s, the mean of the last %d steps)", step,
+                 fmt4(self.final_loss), len(self.losses.steps))
+        if not self.task.has_test:  # a task with a test is complete once its outputs are written (_test)
+            self.state.ended("completed", step, self.final_loss)
+        return TrainResult("completed", step, self.final_loss, self.run_dir,
                            message="stopped early" if stopped_early else "", stopped_early=stopped_early)
 
     def _fail(self, step: int, message: str) -> TrainResult:
@@ -516,8 +539,9 @@ class Trainer:
                    f"({found[-1][1].name if found else 'none'}) is the last good state.")
         log.error(message)
         self.metrics.flush()
+        self.state.ended("failed", step, self.final_loss, message.split(". ")[0])
         dist.barrier()
-        return TrainResult("failed", step, self.last_loss, self.run_dir, message=message)
+        return TrainResult("failed", step, self.final_loss, self.run_dir, message=message)
 
     def _test(self, result: TrainResult) -> TrainResult:
         """The task's test after a completed run: scalars logged at the final step, then its outputs."""
@@ -526,12 +550,14 @@ class Trainer:
             scalars = self.task.test(self.evaluator, result.step) or {}
         except EvaluationInterrupted as e:
             log.info("stop signal during the test evaluation: run again to evaluate (training is complete)")
+            self.state.ended("preempted", result.step, result.final_loss, "stop signal during the test")
             return TrainResult("preempted", result.step, result.final_loss, self.run_dir, message=str(e),
                                stopped_early=result.stopped_early)
         self.metrics.log_eval(result.step, scalars)
         self.metrics.flush()
         result.metrics = dict(scalars)
         self.task.on_complete(self.run_dir, result)
+        self.state.ended("completed", result.step, result.final_loss)
         dist.barrier()
         return result
 

@@ -2,7 +2,8 @@
 
 TensorBoard tags are grouped by prefix: `loss/total` and `loss/<term>`, `lr`, `grad_norm`,
 `perf/samples_per_s`, `perf/samples_per_s_per_gpu`, `perf/mfu`, `perf/step_time_s`, `perf/data_wait_s`,
-`perf/data_wait_frac`, `mem/...`; tasks add `val/...`, `test/...`, and images under `images/...`.
+`perf/data_wait_frac`, `mem/...`, and `loss_window/total` and `loss_window/<term>` (the mean of the last
+run.log_every_steps steps: what log.txt prints); tasks add `val/...`, `test/...`, and images under `images/...`.
 metrics.jsonl holds the same scalars, one JSON object per logged step, at full precision (a resumed run appends;
 when a step appears twice, the later line is the one that counts, and an evaluation's line repeats the training
 scalars of its step so that it holds them all). Files are group-readable (shared scratch).
@@ -132,6 +133,44 @@ class ThroughputWindow:
         return out
 
 
+class LossWindow:
+    """The losses of the last `size` steps (run.log_every_steps): what log.txt, the progress line and the final
+    loss report is their mean, not one noisy batch. Saved in every checkpoint so a resumed run reports exactly
+    what the uninterrupted one would have."""
+
+    def __init__(self, size: int):
+        self.size = max(int(size), 1)
+        self.steps: list[tuple[float, dict[str, float]]] = []
+
+    def add(self, loss: float, terms: Mapping[str, float]) -> None:
+        self.steps = (self.steps + [(float(loss), {k: float(v) for k, v in terms.items()})])[-self.size:]
+
+    def mean(self) -> dict[str, float]:
+        """{"loss_window/total": ..., "loss_window/<term>": ...} over the window; {} before the first step."""
+        if not self.steps:
+            return {}
+        n = len(self.steps)
+        out = {"loss_window/total": sum(s[0] for s in self.steps) / n}
+        for k in self.steps[-1][1]:
+            out[f"loss_window/{k}"] = sum(s[1].get(k, 0.0) for s in self.steps) / n
+        return out
+
+    @property
+    def total(self) -> float | None:
+        return self.mean().get("loss_window/total")
+
+    def state_dict(self) -> list[Any]:
+        return [[loss, terms] for loss, terms in self.steps]
+
+    def load_state_dict(self, state: list[Any] | None) -> None:
+        self.steps = [(float(loss), dict(terms)) for loss, terms in (state or [])][-self.size:]
+
+
+def fmt4(x: float | None) -> str:
+    """A loss for people: 4 significant figures ("n/a" for None)."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 class MetricsLogger:
     """Everything a run writes for its user, in one place: log.txt (through the "phileo.train" logger),
     metrics.jsonl and TensorBoard, all on global rank 0 (other ranks log warnings to stderr and write nothing).
@@ -210,8 +249,10 @@ class MetricsLogger:
             return
         grad_norm = values.get("grad_norm")
         mem = values.get("mem/gpu_max_allocated_gib", values["mem/host_rss_peak_gib"])
-        log.info("step %d/%d | loss %.6g | lr %.3g | grad_norm %s | %.1f samples/s (%.1f per process) | "
-                 "data wait %.0f%% | mem %.2f GiB%s", step, total_steps, values["loss/total"], values["lr"],
+        # The printed loss is the window's mean (4 significant figures); metrics.jsonl keeps both at full precision.
+        log.info("step %d/%d | loss %.4g | lr %.3g | grad_norm %s | %.1f samples/s (%.1f per process) | "
+                 "data wait %.0f%% | mem %.2f GiB%s", step, total_steps,
+                 values.get("loss_window/total", values["loss/total"]), values["lr"],
                  "n/a" if grad_norm is None else f"{grad_norm:.3g}",
                  values["perf/samples_per_s"], values["perf/samples_per_s_per_gpu"],
                  100 * values["perf/data_wait_frac"], mem,
@@ -327,4 +368,4 @@ def write_env_json(run_dir: Path, info: Any, ranks: list[dict[str, Any]], extra:
 
 
 __all__ = ["PEAK_BF16_TFLOPS", "peak_tflops", "memory_stats", "setup_logging", "teardown_logging",
-           "ThroughputWindow", "MetricsLogger", "read_metrics", "host_record", "write_env_json"]
+           "ThroughputWindow", "LossWindow", "fmt4", "MetricsLogger", "read_metrics", "host_record", "write_env_json"]

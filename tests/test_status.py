@@ -5,7 +5,6 @@ tests/test_status_cluster.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

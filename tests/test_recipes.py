@@ -318,3 +318,29 @@ def test_finetuning_under_the_published_recipe_on_cpu_is_refused_with_the_fix(tm
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["config"]["recipe"] == "published" and result["config"]["optim"]["warmup"] == "geometric"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["grad_clip_norm"] == 0.0
+
+
+# ------------------------------------------------------------------------------- launchers and sweep files
+def test_launchers_and_sweep_files_take_the_recipe(tmp_path):
+    from phileo.bench.sweep import build_task_config, expand_sweep
+    from phileo.launch import finetune as launch_ft
+    from phileo.launch import pretrain as launch_pt
+
+    args = launch_pt.build_parser().parse_args(["--recipe", "published", "--model", "phileo_vit_100m",
+                                                "--batch-size", "8", "--data", str(tmp_path), "optim.lr=1e-5"])
+    cfg = launch_pt.build_config(args, tmp_path / "run", num_workers=3, base_file=None)
+    assert cfg.recipe == "published" and cfg.optim.lr_scaling == "sqrt" and cfg.train.grad_clip_norm == 0
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.data.num_workers) == (8, 1e-5, 3)  # flag, override, site
+
+    args = launch_ft.build_finetune_parser().parse_args(["--recipe", "published", "--model", "phileo_vit_100m",
+                                                         "--lr", "1e-4"])
+    cfg = launch_ft.build_finetune_config(args, tmp_path / "ft")
+    assert (cfg.recipe, cfg.train.precision, cfg.model.freeze_stem, cfg.optim.lr) == ("published", "fp16", False, 1e-4)
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("recipe: published\nbase: {data.root: /data, finetune.max_epochs: 7}\n"
+                     "models: [phileo_vit_100m, phileo_cnn_44m]\ntasks: [lc]\nn_shots: [50]\nlrs: [1.0e-3]\n"
+                     "seeds: [0]\n")
+    vit, cnn = (build_task_config(spec, tmp_path / str(spec.index)) for spec in expand_sweep(sweep))
+    assert vit.recipe == cnn.recipe == "published" and vit.optim.warmup == "geometric"
+    assert (vit.model.freeze_stem, cnn.model.freeze_stem, vit.finetune.max_epochs) == (False, True, 7)

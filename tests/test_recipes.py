@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import yaml
 from phileo.bench.config import FinetuneConfig
 from phileo.config import ConfigError, save_config, to_dict
 from phileo.train import recipes
-from phileo.train.config import PretrainConfig, TrainConfig, build_config
+from phileo.train.config import PretrainConfig, build_config
 from phileo.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups, scaled_lr
 
 FAMILY_MODEL = {"cnn": "phileo_cnn_44m", "vit": "phileo_vit_100m"}
@@ -266,7 +265,7 @@ def test_fp16_is_refused_on_cpu_and_with_zero():
         build_config(PretrainConfig, overrides=["train.precision=fp16", "train.strategy=zero2"])
 
 
-def test_the_gradient_scaler_path_on_cpu():
+def test_the_gradient_scaler_path_on_cpu(tmp_path):
     """DDPStrategy with a GradScaler (CPU's own; the fp16 run uses CUDA's, same class): a normal step equals
     the unscaled step, an overflow skips the update, lowers the scale and moves the schedule on; the scaler's
     state goes into optimizer.pt and comes back."""
@@ -295,7 +294,7 @@ def test_the_gradient_scaler_path_on_cpu():
     assert scaled.optimizer_step() is None and scaled.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, scaled.model.parameters()))
     assert scaled.scaler.get_scale() == 2.0 ** 9 and scaled.lr != lr_before  # scale halved, schedule moved on
-    ckpt = Path(__import__("tempfile").mkdtemp())
+    ckpt = tmp_path
     scaled.save(ckpt, {})
     again = strategy(torch.amp.GradScaler("cpu"))
     again.load(ckpt)

@@ -281,6 +281,7 @@ def build_config(schema: type[C], config_file: str | os.PathLike | None = None,
     """
     from phileo.train import recipes
 
+    overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)  # read twice below
     data = to_dict(schema())
     if base:
         data = _deep_merge(data, base)

@@ -11,15 +11,17 @@ after 50 epochs without a better validation loss, 5 warm-up epochs, bf16 where t
 The engine counts optimizer steps, the bench protocol counts epochs: train.steps, train.eval_every_steps,
 optim.warmup_steps and checkpoint.every_steps are computed from the finetune.* epoch settings, the n-shot
 training set size, the batch size and the world size when the run starts (values given for them are replaced).
-One difference from the reference: its warm-up multiplied the LR by 10 each epoch from 1e-5 x lr; here the
-engine's linear warm-up over the same epochs is used, then the LR stays constant (optim.min_lr_ratio=1.0; lower
-it for a cosine decay over max_epochs).
+Differences from the reference in the default recipe: its warm-up multiplied the LR by 10 each epoch from
+1e-5 x lr (optim.warmup=geometric); here the engine's linear warm-up over the same epochs is used, then the LR
+stays constant (optim.min_lr_ratio=1.0; lower it for a cosine decay over max_epochs); it trained in fp16 with a
+gradient scaler (train.precision=fp16), here bf16 where the GPU has it; a frozen ViT-UPerNet kept its stem
+trainable (model.freeze_stem=false). `--recipe published` (phileo.train.recipes) sets all three.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from phileo.config import ConfigError
 from phileo.train.config import (CheckpointConfig, JobConfig, LoaderConfig, ModelConfig, OptimConfig, RunConfig,
@@ -34,11 +36,14 @@ class FinetuneModelConfig(ModelConfig):
     init: where the weights start from: "scratch" (random), a pretraining run folder (its newest checkpoint), a
     checkpoint folder or its model.pt, or a published weights file; read by phileo.models.load_pretrained, which
     transfers a pretraining encoder (and the U-Net decoder) and starts the task head fresh.
-    freeze_encoder: train only the decoder and head (decoder probing). overrides: config fields of the preset by
-    their published names (e.g. {img_size: 64} for 64 px patches)."""
+    freeze_encoder: train only the decoder and head (decoder probing). freeze_stem: with freeze_encoder, freeze
+    the stem (the convolution block in front of the encoder) too; false keeps it training, as the published
+    ViT-UPerNet did (--recipe published sets it per family). overrides: config fields of the preset by their
+    published names (e.g. {img_size: 64} for 64 px patches)."""
 
     init: str = "scratch"
     freeze_encoder: bool = False
+    freeze_stem: bool = True
 
     def validate(self) -> None:
         if not self.name:
@@ -141,6 +146,7 @@ class FinetuneConfig(JobConfig):
     """The whole fine-tuning job: the engine's shared sections with the reference fine-tuning defaults, plus
     `finetune` (the protocol in epochs); saved as run.dir/config.yaml and inside result.json."""
 
+    job_kind: ClassVar[str] = "finetune"
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     finetune: EpochConfig = field(default_factory=EpochConfig)

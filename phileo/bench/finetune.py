@@ -140,7 +140,7 @@ class BenchTask(Task):
         if m.grad_checkpointing:
             overrides["grad_checkpointing"] = True
         model = create_downstream_model(m.name, num_outputs=num_outputs(self.task), freeze_encoder=m.freeze_encoder,
-                                        **overrides)
+                                        freeze_stem=m.freeze_stem, **overrides)
         img_size = getattr(getattr(model, "config", None), "img_size", None)
         patch = self.splits.train.read(0)[0].shape[0]
         if img_size is not None and img_size != patch:
@@ -239,8 +239,8 @@ class BenchTask(Task):
 
     def hparams(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
-        out = {"model": m.name, "init": m.init, "freeze_encoder": m.freeze_encoder, "task": d.task,
-               "n_shot": d.n_shot, "nshot_seed": d.nshot_seed}
+        out = {"model": m.name, "init": m.init, "freeze_encoder": m.freeze_encoder, "freeze_stem": m.freeze_stem,
+               "recipe": self.cfg.recipe, "task": d.task, "n_shot": d.n_shot, "nshot_seed": d.nshot_seed}
         # A sweep task (spec.json, written by phileo.bench.sweep before training): its label and place in the grid,
         # so TensorBoard's HPARAMS tab lines up the sweep.
         spec_path = Path(self.cfg.run.dir) / "spec.json"
@@ -272,15 +272,19 @@ class FinetuneResult:
 
 def derive_steps(cfg: FinetuneConfig, n_train: int, world_size: int) -> tuple[FinetuneConfig, int]:
     """Sets train.steps, train.eval_every_steps, optim.warmup_steps and checkpoint.every_steps from the epoch
-    settings; returns (config, steps per epoch). One epoch = ceil(n_train / (batch_size x world_size)) steps."""
+    settings, and for the geometric warm-up one stage per warm-up epoch (optim.warmup_stages); returns (config,
+    steps per epoch). One epoch = ceil(n_train / (batch_size x world_size)) steps."""
     per_epoch = steps_per_epoch(n_train, cfg.data.batch_size * cfg.train.grad_accum_steps * world_size)
     ft = cfg.finetune
-    return apply_overrides(cfg, {
+    derived = {
         "train.steps": ft.max_epochs * per_epoch,
         "train.eval_every_steps": ft.val_every_epochs * per_epoch,
         "optim.warmup_steps": ft.warmup_epochs * per_epoch,
         "checkpoint.every_steps": ft.checkpoint_every_epochs * per_epoch,
-    }), per_epoch
+    }
+    if cfg.optim.warmup == "geometric" and ft.warmup_epochs > 0:
+        derived["optim.warmup_stages"] = ft.warmup_epochs
+    return apply_overrides(cfg, derived), per_epoch
 
 
 def run_finetuning(cfg: FinetuneConfig, info: dist.DistInfo | None = None) -> FinetuneResult:
@@ -357,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_args(parser, "model, data, optim, train, checkpoint, run, finetune")
     args = parser.parse_args(argv)
     return run_config_job(
-        lambda: build_config(FinetuneConfig, args.config, args.overrides), run_finetuning, args.print_config,
+        lambda: build_config(FinetuneConfig, args.config, args.overrides, recipe=args.recipe), run_finetuning,
+        args.print_config,
         summary=lambda r: f"{r.status}: {r.run_dir}" + (f" ({r.message})" if r.message else ""))
 
 

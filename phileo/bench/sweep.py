@@ -6,6 +6,7 @@ A sweep file (YAML, e.g. slurm/sweeps/phileo_bench.yaml):
     max_parallel: 32            # optional: at most this many array tasks run at once (the %K of --array)
     time_per_task: "04:00:00"   # optional: walltime of one task (default DEFAULT_TASK_TIME, sized for a
                                 # fine-tune, not the site maximum: short jobs backfill); requeues cover the rest
+    recipe: published           # optional: the preset under `base` (phileo.train.recipes; default: default)
     base:                       # FinetuneConfig overrides shared by every task (dotted keys)
       data.root: ${PHILEO_BENCH_DATA}
       finetune.max_epochs: 250
@@ -53,13 +54,14 @@ from typing import Any, Sequence
 
 
 from phileo import exit_codes
-from phileo.config import ConfigError, apply_overrides, read_yaml_mapping
+from phileo.config import ConfigError, read_yaml_mapping
 from phileo.fsutil import atomic_write_json, atomic_write_text, read_json
 from phileo.ranges import format_ranges
 
 # Grid axis -> config key it sets.
 AXES = {"task": "data.task", "n_shot": "data.n_shot", "lr": "optim.lr", "seed": "train.seed"}
-SWEEP_KEYS = ("name", "max_parallel", "time_per_task", "base", "models", "tasks", "n_shots", "lrs", "seeds")
+SWEEP_KEYS = ("name", "max_parallel", "time_per_task", "recipe", "base", "models", "tasks", "n_shots", "lrs",
+              "seeds")
 DEFAULT_TASK_TIME = "04:00:00"
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
@@ -156,6 +158,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     base = doc.get("base") or {}
     if not isinstance(base, dict):
         raise SweepError(f"{path}: 'base' must be a mapping of config keys to values (e.g. finetune.max_epochs: 250)")
+    if doc.get("recipe") is not None:
+        # The same as `recipe:` in base: build_config puts that recipe's preset under every task's overrides.
+        base = {"recipe": doc["recipe"], **base}
     models = [_model_entry(m, path) for m in (doc.get("models") or [])]
     if not models:
         raise SweepError(f"{path}: 'models' is missing or empty: list at least one model")
@@ -190,6 +195,7 @@ def expand_sweep(path: str | os.PathLike) -> list[TaskSpec]:
     Each task's overrides are checked against FinetuneConfig (SweepError naming the model and key otherwise).
     """
     from phileo.bench.config import FinetuneConfig
+    from phileo.train.config import build_config
 
     sweep = load_sweep(path)
     specs = []
@@ -200,7 +206,7 @@ def expand_sweep(path: str | os.PathLike) -> list[TaskSpec]:
         key = repr(sorted(overrides.items(), key=lambda kv: kv[0]))
         if key not in checked:  # one config build per distinct override set, not per seed
             try:
-                apply_overrides(FinetuneConfig(), overrides)
+                build_config(FinetuneConfig, overrides=overrides)
             except ConfigError as e:
                 raise SweepError(f"{sweep.path}: model '{model['label']}', task {task}, n_shot {n_shot}: {e}") from None
             checked.add(key)
@@ -377,12 +383,14 @@ def _global_rank() -> int:
 
 
 def build_task_config(spec: TaskSpec, run_dir: str | os.PathLike):
-    """The FinetuneConfig of one task: its overrides with ${VAR} expanded, run.dir set to `run_dir`."""
+    """The FinetuneConfig of one task: its overrides with ${VAR} expanded, run.dir set to `run_dir` (the one
+    builder: with a `recipe` key its preset lies under the overrides)."""
     from phileo.bench.config import FinetuneConfig
+    from phileo.train.config import build_config
 
     overrides = {k: expand_env(v, f"sweep task {spec.index} key {k}") for k, v in spec.overrides.items()}
     overrides["run.dir"] = str(run_dir)
-    return apply_overrides(FinetuneConfig(), overrides)
+    return build_config(FinetuneConfig, overrides=overrides)
 
 
 @dataclass

@@ -51,6 +51,16 @@ def add_resource_args(p: argparse.ArgumentParser, gpus: bool = True) -> None:
     g.add_argument("--max-requeues", type=int, default=None, help="how often a job may requeue itself")
 
 
+def add_recipe_arg(g: Any) -> None:
+    """--recipe: the preset layer under --config, the flags and key=value (phileo.train.recipes)."""
+    from phileo.train.recipes import RECIPES
+
+    g.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="hyperparameter preset under --config, the flags and key=value: 'published' reproduces "
+                        "the published code (README: Fidelity to the published code); default: the config's "
+                        "`recipe` key, else 'default'")
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("submission")
     g.add_argument("--dry-run", action="store_true",
@@ -227,5 +237,5 @@ def tensorboard_line(run_dir: Path) -> str:
 
 
 __all__ = ["EXIT_OK", "EXIT_JOB_FAILED", "EXIT_REFUSED", "ConfigError", "add_site_args", "add_resource_args",
-           "add_run_args", "pick_site", "resources_from_args", "print_report", "finish_dry_run", "print_job_dry_run",
+           "add_recipe_arg", "add_run_args", "pick_site", "resources_from_args", "print_report", "finish_dry_run", "print_job_dry_run",
            "refused_by_preflight", "refuse", "tensorboard_line"]

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 
 from phileo import exit_codes
-from phileo.config import ConfigError, apply_overrides, save_config, to_dict
+from phileo.config import ConfigError, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.arrays import site_max_array_size, split_for_arrays
 from phileo.launch.jobs import TrainingJob
@@ -76,6 +76,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="train.seed")
     g.add_argument("--run-dir", default=None, help="run folder (default: <site run_root>/<job name>-<time>)")
     g.add_argument("--config", default=None, help="base config YAML (below the flags and overrides)")
+    cli.add_recipe_arg(g)
     cli.add_run_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -89,7 +90,8 @@ def build_finetune_config(args: argparse.Namespace, run_dir: Path) -> Any:
     if "data.root" in flags:
         flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
     flags["run.dir"] = str(run_dir)
-    return apply_overrides(build_config(_finetune_config_class(), args.config or None, flags), list(args.overrides))
+    return build_config(_finetune_config_class(), args.config or None, list(args.overrides), flags=flags,
+                        recipe=args.recipe)
 
 
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,10 +4,11 @@
     python jobs/launch_pretrain.py --cluster local --gpus-per-node 2 --data shards --steps 50 --wait
     python jobs/launch_pretrain.py --resume $CINECA_SCRATCH/phileo/runs/phileo-pretrain-20250101-120000
 
-The config is built in layers: the engine's defaults, the site's data-loader workers, `--config FILE.yaml`,
+The config is built in layers: the engine's defaults, the site's data-loader workers, the `--recipe` preset
+(phileo.train.recipes; `published` reproduces the published code's hyperparameters), `--config FILE.yaml`,
 the flags (`--model` -> model.name, `--data` -> data.root, `--batch-size` -> data.batch_size (per process),
 `--steps` -> train.steps, `--strategy` -> train.strategy, `--seed` -> train.seed, `--run-dir` -> run.dir), then
-`key=value` overrides. With `--resume RUN_DIR` the first three layers are the run's own config.yaml.
+`key=value` overrides. With `--resume RUN_DIR` the first four layers are the run's own config.yaml.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 
 from phileo import exit_codes
-from phileo.config import ConfigError, apply_overrides, save_config, to_dict
+from phileo.config import ConfigError, save_config, to_dict
 from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="batch size per process (data.batch_size)")
     g.add_argument("--seed", type=int, default=None, help="train.seed")
     g.add_argument("--config", default=None, help="base config YAML (below the flags and overrides)")
+    cli.add_recipe_arg(g)
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an existing run: its config and resources, flags and overrides on top")
     cli.add_run_args(p)
@@ -81,8 +83,8 @@ def build_config(args: argparse.Namespace, run_dir: Path, num_workers: Optional[
     if "data.root" in flags:
         flags["data.root"] = str(Path(flags["data.root"]).expanduser().absolute())
     flags["run.dir"] = str(run_dir)
-    cfg = build_job_config(_config_class(), base_file, flags, base=site)
-    return apply_overrides(cfg, list(args.overrides))
+    return build_job_config(_config_class(), base_file, list(args.overrides), base=site, flags=flags,
+                            recipe=args.recipe)
 
 
 def list_chunks(data_root: Path) -> list[tuple[Path, int]]:

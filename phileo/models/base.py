@@ -111,6 +111,12 @@ class PhilEODownstreamModel(PhilEOModel):
         for m in self.encoder_modules():
             yield from m.parameters()
 
+    def frozen_part_parameters(self) -> Iterator[nn.Parameter]:
+        """What freeze_encoder freezes: the pretrained part, without the stem when `freeze_stem` is false."""
+        keep = self.stem.parameters() if not getattr(self, "freeze_stem", True) else ()
+        skip = {id(p) for p in keep}
+        return (p for p in self.encoder_parameters() if id(p) not in skip)
+
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters trained from the task (decoder / neck and head)."""
         enc = {id(p) for p in self.encoder_parameters()}

@@ -273,11 +273,12 @@ class PhilEOCNNDownstream(PhilEODownstreamModel):
     Same `stem`, `encoder` (without the pretraining heads) and `decoder` as PhilEOCNN, so pretrained weights load by
     name; the reconstruction `head` is replaced by CNNBlock(dims[0] → num_outputs) with no output activation.
     forward(x) returns a tensor (B, num_outputs, S, S) of raw values/logits.
-    freeze_encoder=True sets requires_grad=False on stem + encoder (the decoder and head stay trainable).
+    freeze_encoder=True sets requires_grad=False on stem + encoder (the decoder and head stay trainable);
+    freeze_stem=False leaves the stem trainable then.
     """
 
     def __init__(self, config: PhilEOCNNConfig | None = None, num_outputs: int = 1, freeze_encoder: bool = False,
-                 **overrides):
+                 freeze_stem: bool = True, **overrides):
         super().__init__()
         cfg = config or PhilEOCNNConfig()
         if overrides:
@@ -285,6 +286,7 @@ class PhilEOCNNDownstream(PhilEODownstreamModel):
         if num_outputs < 1:
             raise ValueError(f"num_outputs must be >= 1 (1 for roads/buildings, 11 for land cover), got {num_outputs}")
         self.config, self.num_outputs, self.freeze_encoder = cfg, num_outputs, freeze_encoder
+        self.freeze_stem = freeze_stem
         act = make_activation(cfg.activation)
         self.stem = CNNBlock(cfg.input_dim, cfg.dims[0], (cfg.img_size, cfg.img_size), act)
         self.encoder = FoundationEncoder(cfg, with_heads=False)
@@ -295,15 +297,17 @@ class PhilEOCNNDownstream(PhilEODownstreamModel):
             self.set_encoder_frozen(True)
 
     def _init_kwargs(self):
-        return {"config": self.config, "num_outputs": self.num_outputs, "freeze_encoder": self.freeze_encoder}
+        return {"config": self.config, "num_outputs": self.num_outputs, "freeze_encoder": self.freeze_encoder,
+                "freeze_stem": self.freeze_stem}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.encoder.cfg = self.decoder.cfg = self.config
 
     def set_encoder_frozen(self, frozen: bool = True) -> None:
-        """Freezes (or unfreezes) stem + encoder: requires_grad off, so they get no gradients and no updates."""
-        for p in trainable_in_forward(self, self.encoder_parameters()):
+        """Freezes (or unfreezes) stem + encoder (the stem only when freeze_stem): requires_grad off, so they get
+        no gradients and no updates."""
+        for p in trainable_in_forward(self, self.frozen_part_parameters()):
             p.requires_grad_(not frozen)
         self.freeze_encoder = frozen
 

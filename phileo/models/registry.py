@@ -123,22 +123,26 @@ def create_model(name: str, **overrides) -> PhilEOCNN | PhilEOViT:
     return model
 
 
-def create_downstream_model(name: str, num_outputs: int, freeze_encoder: bool = False, **overrides) -> nn.Module:
+def create_downstream_model(name: str, num_outputs: int, freeze_encoder: bool = False, freeze_stem: bool = True,
+                            **overrides) -> nn.Module:
     """Builds the fine-tuning model for pretraining preset `name`, with `num_outputs` output channels
     (1 for roads / buildings regression, 11 land-cover logits) at the input resolution.
 
     CNN names give PhilEOCNNDownstream (U-Net encoder-decoder, new CNNBlock head); ViT names give PhilEOViTUPerNet
     (extra overrides: `out_indices`, `upernet_channels`). forward(x) returns (B, num_outputs, S, S) raw outputs.
-    freeze_encoder=True turns off gradients of stem + encoder. Load pretrained weights with load_pretrained().
+    freeze_encoder=True turns off gradients of stem + encoder (of the encoder only with freeze_stem=False). Load
+    pretrained weights with load_pretrained().
     """
     spec = get_model_spec(name)
     overrides = {**dict(spec.downstream_defaults), **overrides}
     extra = {k: overrides.pop(k) for k in list(overrides) if k in _DOWNSTREAM_EXTRA[spec.family]}
     config = _apply_overrides(spec.config, overrides, name)
     if spec.family == "cnn":
-        model = PhilEOCNNDownstream(config, num_outputs=num_outputs, freeze_encoder=freeze_encoder)
+        model = PhilEOCNNDownstream(config, num_outputs=num_outputs, freeze_encoder=freeze_encoder,
+                                    freeze_stem=freeze_stem)
     else:
-        model = PhilEOViTUPerNet(config, num_outputs=num_outputs, freeze_encoder=freeze_encoder, **extra)
+        model = PhilEOViTUPerNet(config, num_outputs=num_outputs, freeze_encoder=freeze_encoder,
+                                 freeze_stem=freeze_stem, **extra)
     model.model_name = name
     return model
 

@@ -116,12 +116,14 @@ class PhilEOViTUPerNet(PhilEODownstreamModel):
     forward(x: (B, input_dim, S, S)) returns (B, num_outputs, S, S) raw logits/values (the pyramid's finest level
     is 4·S/patch_size = S for patch 4; other patch sizes are resized to S).
     out_indices: the 4 encoder blocks whose hidden states (CLS dropped) form the pyramid, default
-    default_out_indices(depth). freeze_encoder=True sets requires_grad=False on stem + encoder.
+    default_out_indices(depth). freeze_encoder=True sets requires_grad=False on stem + encoder; freeze_stem=False
+    leaves the stem trainable then (the published phivit_upernet_pretrained froze only the ViT encoder).
     Refuses out_indices that are not 4 increasing block indices within the encoder depth.
     """
 
     def __init__(self, config: PhilEOViTConfig | None = None, num_outputs: int = 11, freeze_encoder: bool = False,
-                 out_indices: Sequence[int] | None = None, upernet_channels: int = 256, **overrides):
+                 out_indices: Sequence[int] | None = None, upernet_channels: int = 256, freeze_stem: bool = True,
+                 **overrides):
         super().__init__()
         cfg = config or PhilEOViTConfig()
         if overrides:
@@ -134,6 +136,7 @@ class PhilEOViTUPerNet(PhilEODownstreamModel):
             raise ValueError(f"out_indices must be 4 increasing block indices in [0, {cfg.depth - 1}], "
                              f"got {out_indices}")
         self.config, self.num_outputs, self.freeze_encoder = cfg, num_outputs, freeze_encoder
+        self.freeze_stem = freeze_stem
         self.out_indices, self.upernet_channels = out_indices, upernet_channels
         act = make_activation(cfg.activation)
         self.stem = CNNBlock(cfg.input_dim, cfg.input_dim, (cfg.img_size, cfg.img_size), act)
@@ -145,16 +148,19 @@ class PhilEOViTUPerNet(PhilEODownstreamModel):
 
     def _init_kwargs(self):
         return {"config": self.config, "num_outputs": self.num_outputs, "freeze_encoder": self.freeze_encoder,
-                "out_indices": self.out_indices, "upernet_channels": self.upernet_channels}
+                "out_indices": self.out_indices, "upernet_channels": self.upernet_channels,
+                "freeze_stem": self.freeze_stem}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.encoder.vit_encoder.cfg = self.config
 
     def set_encoder_frozen(self, frozen: bool = True) -> None:
-        """Freezes (or unfreezes) stem + encoder; pos_embed stays frozen either way (it is a fixed table)."""
+        """Freezes (or unfreezes) stem + encoder (the stem only when freeze_stem); pos_embed stays frozen either
+        way (it is a fixed table)."""
+        part = {id(p) for p in self.frozen_part_parameters()}
         for name, p in self.named_parameters():
-            if name.startswith(("stem.", "encoder.")) and not name.endswith("pos_embed"):
+            if id(p) in part and not name.endswith("pos_embed"):
                 p.requires_grad_(not frozen)
         self.freeze_encoder = frozen
 

@@ -1,6 +1,7 @@
 """The command line shared by the training entry points (`python -m phileo.train.pretrain`, `...finetune`).
 
-Both take `[--config FILE.yaml] [--print-config] [key=value ...]`, build a validated job config, run it in this
+Both take `[--config FILE.yaml] [--recipe default|published] [--print-config] [key=value ...]`, build a validated
+job config (the recipe is a preset layer under the file and the overrides: phileo.train.recipes), run it in this
 process, print one summary line and map the outcome to an exit status (phileo.exit_codes): 0 done, 75 stopped
 with a checkpoint (run again to continue; on global rank 0 only), 1 failed, 2 a bad command line or config
 (nothing ran).
@@ -21,7 +22,13 @@ EXIT_BAD_CONFIG = exit_codes.REFUSED
 
 def add_config_args(parser: argparse.ArgumentParser, sections: str) -> None:
     """--config, --print-config and the key=value overrides; `sections` names the config's sections."""
+    from phileo.train.recipes import RECIPES
+
     parser.add_argument("--config", help=f"YAML job config (sections {sections})")
+    parser.add_argument("--recipe", choices=RECIPES, default=None,
+                        help="preset under --config and the overrides: 'published' reproduces the published "
+                             "code's hyperparameters (README: Fidelity to the published code); default: the "
+                             "config's `recipe` key, else 'default' (the project's recipe)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
 

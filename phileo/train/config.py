@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, TypeVar
+from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional, TypeVar
 
-from phileo.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
+from phileo.config import ConfigError, from_dict, parse_override, read_yaml_mapping, set_key, to_dict, validate
 
 Strategy = Literal["ddp", "zero1", "zero2", "zero3"]
-Precision = Literal["fp32", "bf16", "auto"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+Recipe = Literal["default", "published"]
 
 
 @dataclass
@@ -111,7 +112,13 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 1000
-    min_lr_ratio: float = 0.0  # the cosine ends at lr · min_lr_ratio
+    # "linear": from lr/warmup_steps up to lr. "geometric" (the published fine-tuning): warmup_steps cut into
+    # warmup_stages equal stages, the first at lr / warmup_gamma**warmup_stages, each next one warmup_gamma
+    # times higher, then lr.
+    warmup: Literal["linear", "geometric"] = "linear"
+    warmup_gamma: float = 10.0
+    warmup_stages: int = 5
+    min_lr_ratio: float = 0.0  # the cosine ends at lr · min_lr_ratio (1.0: constant after the warm-up)
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -124,6 +131,9 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup == "geometric" and (self.warmup_gamma <= 1.0 or self.warmup_stages < 1):
+            raise ConfigError(f"optim.warmup=geometric needs optim.warmup_gamma > 1 and optim.warmup_stages >= 1, "
+                              f"got {self.warmup_gamma} and {self.warmup_stages}")
 
 
 @dataclass
@@ -136,6 +146,7 @@ class TrainConfig:
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     seed: int = 0
     # "auto": bf16 on GPUs that support it, fp32 otherwise (CPU defaults to fp32; bf16 can be asked for).
+    # "fp16": fp16 autocast with a gradient scaler (the published fine-tuning); CUDA and ddp only.
     precision: Precision = "auto"
     grad_accum_steps: int = 1
     grad_clip_norm: float = 1.0  # 0 turns clipping off (the norm is still logged)
@@ -149,6 +160,11 @@ class TrainConfig:
     # time limit when asked with --signal, and TERM at the limit or on scancel/preemption).
     stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])
     eval_every_steps: int = 0  # how often the task's evaluate() hook runs (0 = never); fine-tuning uses it
+    # Early stopping on the training loss (the published pretraining): stop when the mean training loss of an
+    # epoch (one pass of this rank over its training data) has not been lower than the best one by more than
+    # early_stop_min_delta for this many epochs. 0 = off.
+    early_stop_patience_epochs: int = 0
+    early_stop_min_delta: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -170,6 +186,12 @@ class TrainConfig:
             raise ConfigError(f"train.dist_timeout_s must be >= 10 seconds, got {self.dist_timeout_s}")
         if self.eval_every_steps < 0:
             raise ConfigError(f"train.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        if self.early_stop_patience_epochs < 0 or self.early_stop_min_delta < 0:
+            raise ConfigError(f"train.early_stop_patience_epochs (0 = off) and train.early_stop_min_delta must be "
+                              f">= 0, got {self.early_stop_patience_epochs} and {self.early_stop_min_delta}")
+        if self.precision == "fp16" and self.strategy != "ddp":
+            raise ConfigError(f"train.precision=fp16 (with a gradient scaler) runs with train.strategy=ddp only; "
+                              f"use train.precision=bf16 with {self.strategy}")
         import signal
         for name in self.stop_signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
@@ -216,8 +238,13 @@ class RunConfig:
 
 @dataclass
 class JobConfig:
-    """The sections every training job has (what the Trainer reads); saved as run.dir/config.yaml."""
+    """The sections every training job has (what the Trainer reads); saved as run.dir/config.yaml.
 
+    recipe: the preset layer build_config put between the defaults and the user's file and flags ("default": none;
+    "published": the published code's hyperparameters, phileo.train.recipes)."""
+
+    job_kind: ClassVar[str] = "job"  # which presets of phileo.train.recipes apply
+    recipe: Recipe = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -230,6 +257,7 @@ class JobConfig:
 class PretrainConfig(JobConfig):
     """The whole pretraining job: the shared sections with the pretraining data, plus the loss."""
 
+    job_kind: ClassVar[str] = "pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -239,13 +267,21 @@ C = TypeVar("C")
 
 def build_config(schema: type[C], config_file: str | os.PathLike | None = None,
                  overrides: Iterable[str] | Mapping[str, Any] = (), resume_dir: str | os.PathLike | None = None,
-                 base: Mapping[str, Any] | None = None) -> C:
-    """The one builder of a job config: `schema`'s defaults, then `base` (a nested mapping, e.g. site
-    defaults), then `config_file` (YAML) or, with `resume_dir`, that run folder's config.yaml, then `overrides`
-    (key=value strings or a {dotted.key: value} mapping); with resume_dir, run.dir is that folder. Validated.
+                 base: Mapping[str, Any] | None = None, recipe: str | None = None,
+                 flags: Mapping[str, Any] | None = None) -> C:
+    """The one builder of a job config, in layers, each over the one before: `schema`'s defaults; `base` (a
+    nested mapping, e.g. site defaults); the recipe's preset (phileo.train.recipes: `recipe`, else the `recipe`
+    key the layers above it or below it set, for the model.name they set); `config_file` (YAML) or, with
+    `resume_dir`, that run folder's config.yaml; `flags` (a launcher's flags as {dotted.key: value}); then
+    `overrides` (key=value strings or a {dotted.key: value} mapping). With resume_dir, run.dir is that folder.
+    Validated once, at the end.
 
-    Refuses (ConfigError naming the file or key): unknown keys, bad values, a resume_dir without config.yaml.
+    Refuses (ConfigError naming the file or key): unknown keys, bad values, an unknown recipe, a resume_dir
+    without config.yaml.
     """
+    from phileo.train import recipes
+
+    overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)  # read twice below
     data = to_dict(schema())
     if base:
         data = _deep_merge(data, base)
@@ -254,14 +290,41 @@ def build_config(schema: type[C], config_file: str | os.PathLike | None = None,
         if not config_file.is_file():
             raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run folder written by a "
                               f"PhilEO training job?")
-    if config_file is not None:
-        data = _deep_merge(data, read_yaml_mapping(config_file))
+    file_data = read_yaml_mapping(config_file) if config_file is not None else {}
+    top = _layered(schema, data, file_data, config_file, flags, overrides)
+    name = recipe or top.recipe
+    layer = recipes.preset(schema.job_kind, name, top.model.name)
+    cfg = _layered(schema, _deep_merge(data, _nested(layer)), file_data, config_file, flags, overrides)
+    cfg.recipe = name
+    if resume_dir is not None:
+        set_key(cfg, "run.dir", str(resume_dir))
+    validate(cfg)
+    return cfg
+
+
+def _layered(schema: type[C], data: Mapping[str, Any], file_data: Mapping[str, Any], config_file: Any,
+             flags: Mapping[str, Any] | None, overrides: Iterable[str] | Mapping[str, Any]) -> C:
+    """`data` with the file, the flags and the overrides on top; not validated yet (the preset may still come)."""
     try:
-        cfg = from_dict(schema, data)
+        cfg = from_dict(schema, _deep_merge(data, file_data))
     except ConfigError as e:
         raise ConfigError(f"{config_file or 'config'}: {e}") from None
-    cfg = apply_overrides(cfg, overrides)
-    return apply_overrides(cfg, {"run.dir": str(resume_dir)}) if resume_dir is not None else cfg
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
+    for k, v in [*(flags or {}).items(), *items]:
+        set_key(cfg, k, v)
+    return cfg
+
+
+def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """{"optim.lr": 1} -> {"optim": {"lr": 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *sections, last = key.split(".")
+        node = out
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[last] = value
+    return out
 
 
 def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -272,4 +335,5 @@ def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, An
 
 
 __all__ = ["ModelConfig", "LoaderConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
-           "CheckpointConfig", "RunConfig", "JobConfig", "PretrainConfig", "build_config", "Strategy", "Precision"]
+           "CheckpointConfig", "RunConfig", "JobConfig", "PretrainConfig", "build_config", "Strategy", "Precision",
+           "Recipe"]

@@ -16,7 +16,7 @@ What `fit()` does, in order:
  3. seeds, builds the model (identical on every rank), wraps it (DDP or ZeRO), and resumes from the newest
     complete checkpoint by step number: weights, optimizer, scheduler, task state, each rank's RNG states and
     data position, so the resumed run computes exactly what the uninterrupted one would have;
- 4. per step: grad_accum_steps micro-batches (forward under bf16 autocast if asked, loss, backward), one
+ 4. per step: grad_accum_steps micro-batches (forward under bf16/fp16 autocast if asked, loss, backward), one
     all-reduce that carries the losses for logging, a non-finite flag and the stop-signal flag, then the optimizer
     step (clipping, schedule);
  5. logs scalars every run.log_every_steps, images every run.image_every_steps, runs the task's evaluate() every
@@ -55,9 +55,9 @@ from phileo.train.evaluate import EvaluationInterrupted, Evaluator
 from phileo.train.loader import build_loader, to_device
 from phileo.train.metrics import (LossWindow, MetricsLogger, ThroughputWindow, fmt4, host_record, peak_tflops,
                                   write_env_json)
-from phileo.train.precision import autocast, resolve_precision
+from phileo.train.precision import autocast, grad_scaler, resolve_precision
 from phileo.train.run_recorder import RunStateRecorder
-from phileo.train.stop import Decision, StopPolicy
+from phileo.train.stop import Decision, StopPolicy, steps_per_epoch
 from phileo.train.strategy import build_strategy
 
 log = logging.getLogger("phileo.train")
@@ -206,7 +206,8 @@ class Trainer:
                                "one, or call phileo.train.dist.init_distributed(force_process_group=True) first")
         self.run_dir = Path(cfg.run.dir)
         self.device = torch.device(self.info.device)
-        self.bf16 = resolve_precision(cfg.train.precision, self.info.device)
+        self.precision = resolve_precision(cfg.train.precision, self.info.device)  # "fp32" | "bf16" | "fp16"
+        self.bf16 = self.precision == "bf16"
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.info)
         self.stop = StopPolicy.from_config(cfg)
         self.metrics = MetricsLogger(self.run_dir, self.info.global_rank, cfg.run.tensorboard)
@@ -293,7 +294,7 @@ class Trainer:
             if isinstance(out, TrainResult):
                 return out  # failed: nothing is saved
             self._log_step(out)
-            decision = self.stop.after_step(self.step, out.stop_requested, self._evaluate())
+            decision = self.stop.after_step(self.step, out.stop_requested, self._evaluate(), train_loss=out.loss)
             if decision.save:
                 self.save_checkpoint(self.step)
             if decision.stop:
@@ -327,10 +328,12 @@ class Trainer:
         model = self.task.build_model()
         flops = self.task.train_flops_per_sample(model) if info.is_main else None
         model.to(self.device)
-        self.strategy = build_strategy(model, info, cfg.train, cfg.optim, cfg.data.batch_size, self.bf16)
+        self.strategy = build_strategy(model, info, cfg.train, cfg.optim, cfg.data.batch_size, self.bf16,
+                                       grad_scaler(self.precision, info.device))
         self.model = self.strategy.model
         if info.is_main and self.strategy.ds_config is not None:
             atomic_write_json(self.run_dir / "deepspeed_config.json", self.strategy.ds_config)
+        # Under fp16 evaluation runs in fp32, as the published fine-tuning's validation and test did.
         self.evaluator = Evaluator(self.strategy, info, self.bf16,
                                    batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
                                    # evaluation sets are small or read once: few workers suffice
@@ -347,6 +350,7 @@ class Trainer:
             return None
         resumed = self.checkpoints.load(latest, self.strategy, cfg.train.strategy)
         self.task.load_state_dict(resumed.trainer.get("task", {}))
+        self.stop.load_state_dict(resumed.trainer.get("stop", {}))
         self.last_loss = resumed.trainer.get("last_loss")
         self.losses.load_state_dict(resumed.trainer.get("loss_window"))
         self.step = checkpoint_step(latest)
@@ -365,10 +369,18 @@ class Trainer:
 
     def _loader(self, dataset: Dataset):
         cfg = self.cfg
-        loader, _ = build_loader(
+        loader, sampler = build_loader(
             dataset, self.info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
             start_sample=self.samples_consumed, split=self.task.split, pin_memory=cfg.data.pin_memory,
             prefetch_factor=cfg.data.prefetch_factor, stop_signals=list(cfg.train.stop_signals))
+        if self.stop.train_loss_stop is not None:
+            # One epoch = one pass of a rank over its share; ranks of different nodes may hold different shares,
+            # so all take the shortest (every rank must close an epoch at the same step).
+            steps = steps_per_epoch(sampler.per_rank, cfg.data.batch_size * cfg.train.grad_accum_steps)
+            agreed = dist.all_reduce_(torch.tensor(-float(steps), device=self.device), "max")
+            self.stop.set_epoch_steps(int(-agreed.item()))
+            log.info("early stopping on the training loss: patience %d epochs of %d steps",
+                     self.stop.train_loss_stop.patience, self.stop.epoch_steps)
         return loader
 
     def _describe_run(self, latest: Path | None, flops: float | None) -> float | None:
@@ -376,9 +388,10 @@ class Trainer:
         peak TFLOP/s per device (None when unknown)."""
         cfg, info = self.cfg, self.info
         n_params = sum(p.numel() for p in self.model.parameters())
-        precision = "bf16" if self.bf16 else "fp32"
+        precision = self.precision
         hosts = dist.all_gather_object(host_record(info.device))
-        peak = peak_tflops(info.device, self.bf16, cfg.run.peak_tflops_per_device)
+        # fp16 and bf16 have the same tensor-core peak on the GPUs of the table.
+        peak = peak_tflops(info.device, self.precision != "fp32", cfg.run.peak_tflops_per_device)
         if info.is_main:
             write_env_json(self.run_dir, info, hosts, {
                 "model_parameters": n_params, "train_flops_per_sample": flops, "peak_tflops_per_device": peak,
@@ -398,7 +411,7 @@ class Trainer:
 
     def _hparams(self, n_params: int) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        return {"strategy": cfg.train.strategy, "precision": "bf16" if self.bf16 else "fp32",
+        return {"strategy": cfg.train.strategy, "precision": self.precision, "recipe": getattr(cfg, "recipe", "default"),
                 "world_size": info.world_size, "num_nodes": info.num_nodes,
                 "batch_size_per_process": cfg.data.batch_size, "global_batch": self.world_batch,
                 "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
@@ -444,7 +457,7 @@ class Trainer:
             data_wait += time.perf_counter() - t_data
             ctx = StepContext(step_no, micro, info.global_rank, cfg.train.seed, self.device)
             with strategy.no_sync(last):
-                with autocast(self.device, self.bf16):
+                with autocast(self.device, self.precision):
                     outputs = self.task.forward(strategy.module, batch, ctx)
                     loss, terms = self.task.compute_loss(outputs, batch)
                 strategy.backward(loss, last)
@@ -501,7 +514,7 @@ class Trainer:
         final = self.checkpoints.save(
             step, self.strategy, payload={"step": step, "config": to_dict(self.cfg)},
             trainer_state={"step": step, "last_loss": self.last_loss, "loss_window": self.losses.state_dict(),
-                           "task": self.task.state_dict(),
+                           "task": self.task.state_dict(), "stop": self.stop.state_dict(),
                            "strategy": self.cfg.train.strategy, "world_size": self.info.world_size},
             rank_state={"rng": capture_rng_state(), "samples_consumed": self.samples_consumed,
                         "world_size": self.info.world_size, "step": step})
@@ -513,7 +526,7 @@ class Trainer:
     def _stop(self, decision: Decision) -> TrainResult:
         if decision.status == "completed":
             if decision.stopped_early:
-                log.info("the task asked to stop early at step %d", self.step)
+                log.info("stopping early at step %d: %s", self.step, decision.why or "the task asked to")
             return self._finish(self.step, saved=True, stopped_early=decision.stopped_early)
         log.info("stopping at step %d/%d after a checkpoint (%s); run again to continue", self.step,
                  self.cfg.train.steps, decision.why)

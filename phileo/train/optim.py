@@ -1,4 +1,4 @@
-"""AdamW and its learning-rate schedule (linear warm-up, then cosine decay), both by optimizer step."""
+"""AdamW and its learning-rate schedule (linear or geometric warm-up, then cosine decay), both by optimizer step."""
 
 from __future__ import annotations
 
@@ -64,13 +64,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1,
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, warmup: str = "linear",
+              warmup_gamma: float = 10.0, warmup_stages: int = 5) -> float:
     """Multiplier of the peak LR for the optimizer step with 0-based index `step`.
 
-    Linear warm-up over `warmup_steps` steps (the first step already gets 1/warmup, never 0), then a cosine from
-    1 down to `min_lr_ratio` at the last step (`total_steps` - 1).
+    Warm-up over `warmup_steps` steps: "linear" (the first step already gets 1/warmup, never 0), or "geometric"
+    (the published fine-tuning's MultiStepLR: `warmup_stages` equal stages, stage k at warmup_gamma**(k -
+    warmup_stages), i.e. 1e-5, 1e-4, ... 1e-1 for 5 stages of gamma 10). Then a cosine from 1 down to
+    `min_lr_ratio` at the last step (`total_steps` - 1).
     """
     if warmup_steps > 0 and step < warmup_steps:
+        if warmup == "geometric":
+            stage = step * warmup_stages // warmup_steps
+            return float(warmup_gamma) ** (stage - warmup_stages)
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
@@ -83,7 +89,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
     # A partial, not an object with attributes: LambdaLR saves a callable object's __dict__ and restores it on
     # load, which would bring back an old total_steps when a finished run is extended (train.steps raised).
-    fn = functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup, min_lr_ratio=cfg.min_lr_ratio)
+    fn = functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup, min_lr_ratio=cfg.min_lr_ratio,
+                           warmup=cfg.warmup, warmup_gamma=cfg.warmup_gamma, warmup_stages=cfg.warmup_stages)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

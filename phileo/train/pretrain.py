@@ -1,6 +1,7 @@
 """Pretraining a PhilEO model with the foundation loss: the task, `run_pretraining`, and the command line.
 
     python -m phileo.train.pretrain --config pretrain.yaml [key=value ...]
+    python -m phileo.train.pretrain --recipe published data.root=SHARDS model.name=phileo_vit_100m
     python -m phileo.train.pretrain --resume RUN_DIR [key=value ...]
     torchrun --nproc-per-node 4 -m phileo.train.pretrain --config pretrain.yaml data.root=/scratch/shards
 
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its config.yaml")
     args = parser.parse_args(argv)
     return run_config_job(
-        lambda: build_config(PretrainConfig, args.config, args.overrides, resume_dir=args.resume), run_pretraining,
+        lambda: build_config(PretrainConfig, args.config, args.overrides, resume_dir=args.resume,
+                             recipe=args.recipe), run_pretraining,
         args.print_config,
         summary=lambda r: (f"{r.status} at step {r.step} (final loss {r.final_loss}) in {r.run_dir}"
                            + (f": {r.message}" if r.message else "")))

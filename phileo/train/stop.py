@@ -2,12 +2,16 @@
 
     policy = StopPolicy(train.steps, checkpoint.every_steps, train.max_steps_per_launch, train.stop_signals)
     policy.start(start_step)                   # the step this launch resumes after
-    decision = policy.after_step(step, stop_requested, stop_early)
+    policy.set_epoch_steps(n)                 # steps per epoch, for early stopping on the training loss
+    decision = policy.after_step(step, stop_requested, stop_early, train_loss)
     if decision.save: ...checkpoint...
     if decision.stop: ...end with decision.status...
 
 `stop_requested` is the StopFlag's value already agreed by all ranks (the Trainer carries it in the step's one
-all-reduce), and `stop_early` the task's wish, also agreed; so every rank takes the same decision at the same step.
+all-reduce), `stop_early` the task's wish, also agreed, and `train_loss` the step's loss averaged over all ranks;
+so every rank takes the same decision at the same step. With train.early_stop_patience_epochs > 0 the policy
+stops the run when the mean training loss of an epoch has not improved for that many epochs (the published
+pretraining's rule).
 The engine counts optimizer steps; a protocol that counts epochs converts with steps_per_epoch().
 """
 
@@ -40,19 +44,30 @@ class StopPolicy:
     """The stopping rules of the engine. Owns the StopFlag (flag-only handlers of the stop signals)."""
 
     def __init__(self, total_steps: int, checkpoint_every_steps: int, max_steps_per_launch: int = 0,
-                 stop_signals: list[str] = ()):
+                 stop_signals: list[str] = (), early_stop_patience_epochs: int = 0, early_stop_min_delta: float = 0.0):
         self.total_steps = total_steps
         self.checkpoint_every_steps = checkpoint_every_steps
         self.max_steps_per_launch = max_steps_per_launch
         self.flag = StopFlag(list(stop_signals))
         self.start_step = 0
         self._installed = False
+        # Early stopping on the training loss, counted in epochs; the loss sum of the epoch in progress.
+        self.train_loss_stop = (EarlyStopping(early_stop_patience_epochs, early_stop_min_delta)
+                                if early_stop_patience_epochs > 0 else None)
+        self.epoch_steps = 0
+        self._epoch_sum, self._epoch_count = 0.0, 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StopPolicy":
         """From a job config's train and checkpoint sections."""
-        return cls(cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.max_steps_per_launch,
-                   list(cfg.train.stop_signals))
+        t = cfg.train
+        return cls(t.steps, cfg.checkpoint.every_steps, t.max_steps_per_launch, list(t.stop_signals),
+                   getattr(t, "early_stop_patience_epochs", 0), getattr(t, "early_stop_min_delta", 0.0))
+
+    def set_epoch_steps(self, steps: int) -> None:
+        """How many optimizer steps make one epoch, for early stopping on the training loss (the same on all
+        ranks: the Trainer agrees on it)."""
+        self.epoch_steps = max(1, int(steps))
 
     def covered_by(self, done: Mapping[str, Any] | None) -> bool:
         """True when a DONE marker says there is nothing left to train (train.steps reached, or stopped early)."""
@@ -71,10 +86,16 @@ class StopPolicy:
         self.flag.restore()
         self._installed = False
 
-    def after_step(self, step: int, stop_requested: bool, stop_early: bool = False) -> Decision:
+    def after_step(self, step: int, stop_requested: bool, stop_early: bool = False,
+                   train_loss: float | None = None) -> Decision:
         """The decision after optimizer step `step`: a checkpoint every checkpoint.every_steps, at the last step,
-        and before any stop; stop at train.steps or when the task asks ("completed"), on a stop signal or after
-        train.max_steps_per_launch steps of this launch ("preempted")."""
+        and before any stop; stop at train.steps, when the task asks or when the training loss stopped improving
+        ("completed"), on a stop signal or after train.max_steps_per_launch steps of this launch ("preempted")."""
+        if not stop_early and self._train_loss_says_stop(step, train_loss):
+            return Decision(True, True, "completed", stopped_early=True,
+                            why=f"the epoch's mean training loss has not improved for "
+                                f"{self.train_loss_stop.patience} epochs (best {self.train_loss_stop.best:.6g} "
+                                f"in epoch {self.train_loss_stop.best_at})")
         last = step >= self.total_steps
         launch_limit = (self.max_steps_per_launch > 0 and step - self.start_step >= self.max_steps_per_launch
                         and not last)
@@ -88,6 +109,33 @@ class StopPolicy:
                    else f"train.max_steps_per_launch={self.max_steps_per_launch}")
             return Decision(save, True, "preempted", why=why)
         return Decision(save)
+
+    def _train_loss_says_stop(self, step: int, train_loss: float | None) -> bool:
+        if self.train_loss_stop is None or train_loss is None:
+            return False
+        if self.epoch_steps < 1:
+            raise RuntimeError("StopPolicy: early stopping on the training loss needs set_epoch_steps() first")
+        self._epoch_sum += float(train_loss)
+        self._epoch_count += 1
+        if step % self.epoch_steps:
+            return False
+        mean = self._epoch_sum / self._epoch_count
+        self._epoch_sum, self._epoch_count = 0.0, 0
+        self.train_loss_stop.update(mean, step // self.epoch_steps)
+        return self.train_loss_stop.should_stop
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on with early stopping on the training loss exactly."""
+        if self.train_loss_stop is None:
+            return {}
+        return {"train_loss": self.train_loss_stop.state_dict(), "epoch_sum": self._epoch_sum,
+                "epoch_count": self._epoch_count, "epoch_steps": self.epoch_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.train_loss_stop is None or not state or "train_loss" not in state:
+            return
+        self.train_loss_stop.load_state_dict(state["train_loss"])
+        self._epoch_sum, self._epoch_count = float(state["epoch_sum"]), int(state["epoch_count"])
 
 
 class EarlyStopping:

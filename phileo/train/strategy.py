@@ -39,10 +39,15 @@ class DDPStrategy:
 
     name = "ddp"
 
-    def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig):
+    def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
+                 scaler: torch.amp.GradScaler | None = None):
         self.model = model
         self.info = info
         self.train_cfg = train
+        # fp16's dynamic loss scaler (phileo.train.precision.grad_scaler), None in fp32/bf16. A step whose
+        # gradients overflow is skipped and the scale lowered, as torch.amp does; such steps are counted.
+        self.scaler = scaler
+        self.skipped_steps = 0
         self.optimizer = build_optimizer(model, optim, info.world_size)
         self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
         if info.distributed:
@@ -62,14 +67,21 @@ class DDPStrategy:
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         # DDP averages over ranks; dividing by the accumulation count averages over micro-batches.
-        (loss / self.train_cfg.grad_accum_steps).backward()
+        loss = loss / self.train_cfg.grad_accum_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def optimizer_step(self) -> float | None:
         """Clips, steps the optimizer and the schedule; returns the global gradient norm before clipping. A
-        non-finite norm is returned without stepping, so the weights stay those of the last good step."""
+        non-finite norm is returned without stepping, so the weights stay those of the last good step. With an
+        fp16 scaler the norm is that of the unscaled gradients, and an overflow is not an error: the step is
+        skipped (the scaler lowers its scale, the schedule moves on) and None is returned."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.train_cfg.grad_clip_norm if self.train_cfg.grad_clip_norm > 0 else float("inf")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler is not None:
+            return self._scaled_step(grad_norm)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
@@ -77,6 +89,19 @@ class DDPStrategy:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _scaled_step(self, grad_norm: float) -> float | None:
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips optimizer.step() when unscale_ found inf/NaN
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(grad_norm):
+            return grad_norm
+        self.skipped_steps += 1
+        log.warning("fp16 gradient overflow at loss scale %g: step skipped, scale lowered to %g (%d skipped so far)",
+                    scale, self.scaler.get_scale(), self.skipped_steps)
+        return None
 
     @property
     def lr(self) -> float:
@@ -91,8 +116,10 @@ class DDPStrategy:
         """Writes model.pt and optimizer.pt (global rank 0 only: DDP state is replicated)."""
         if self.info.is_main:
             ckpt_io.save_file({"model": self.full_state_dict(), **model_payload}, ckpt / "model.pt")
-            ckpt_io.save_file({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                              ckpt / "optimizer.pt")
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            ckpt_io.save_file(state, ckpt / "optimizer.pt")
 
     def load(self, ckpt: Path) -> None:
         state = ckpt_io.load_file(ckpt / "model.pt", "model checkpoint")
@@ -105,6 +132,8 @@ class DDPStrategy:
         opt = ckpt_io.load_file(ckpt / "optimizer.pt", "optimizer state")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        if self.scaler is not None and "scaler" in opt:
+            self.scaler.load_state_dict(opt["scaler"])
 
 
 def _import_deepspeed():
@@ -234,11 +263,14 @@ def _quiet_stdout():
 
 
 def build_strategy(model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
-                   micro_batch_size: int, bf16: bool):
+                   micro_batch_size: int, bf16: bool, scaler: torch.amp.GradScaler | None = None):
     """DDPStrategy for train.strategy=ddp, DeepSpeedStrategy for zero1/zero2/zero3. `model` must already be on
-    info.device with identical initial weights on every rank (seed before building it)."""
+    info.device with identical initial weights on every rank (seed before building it). `scaler`: fp16's
+    gradient scaler (ddp only; TrainConfig refuses fp16 with ZeRO)."""
     if train.strategy == "ddp":
-        return DDPStrategy(model, info, train, optim)
+        return DDPStrategy(model, info, train, optim, scaler)
+    if scaler is not None:
+        raise ValueError(f"train.precision=fp16 needs train.strategy=ddp, not {train.strategy}")
     return DeepSpeedStrategy(model, info, train, optim, micro_batch_size, bf16)
 
 

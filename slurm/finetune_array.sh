@@ -1,7 +1,7 @@
 #!/bin/bash
 # PhilEO Bench sweep as one SLURM job array: array task i fine-tunes the sweep's task i into its own folder.
 #
-#   sbatch -A ACCOUNT -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh        # the default sweep (360 tasks)
+#   sbatch -p boost_usr_prod --gres=gpu:1 slurm/finetune_array.sh     # the default sweep (360 tasks; SBATCH_ACCOUNT set)
 #   sbatch ... --array=17 slurm/finetune_array.sh                                    # re-run one task alone
 #   sbatch ... --array=$(python -m phileo.bench.sweep array SWEEP --out DIR) \
 #          --export=ALL,PHILEO_SWEEP=SWEEP,PHILEO_SWEEP_DIR=DIR slurm/finetune_array.sh   # only unfinished tasks
@@ -20,6 +20,7 @@
 #   PHILEO_REPO       checkout put on PYTHONPATH (default: the submit folder)
 #   PHILEO_MAX_REQUEUES  requeues after the pre-timeout signal (default 3)
 #   PHILEO_BENCH_DATA, PHILEO_WEIGHTS  read by the sweep file's ${VAR}s
+#   PHILEO_SETUP, PHILEO_CONDA, PHILEO_ENV  site set-up (slurm/site_setup.sh; PHILEO_SETUP=none off Leonardo)
 #
 # A task that already finished exits at once, an interrupted one resumes from its newest checkpoint, so re-running
 # any index (or the whole array) is safe. Before the time limit the tasks get USR2, save a checkpoint and exit 75
@@ -38,6 +39,10 @@ set -euo pipefail
 
 SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 cd "$SUBMIT_DIR"
+# Site set-up, the same as the generated jobs': modules, conda, NCCL, offline flags; refuses a task without a GPU
+# on Leonardo (a forgotten --gres=gpu:1). PHILEO_SETUP=none when your environment is already active.
+# shellcheck source=slurm/site_setup.sh
+source "${PHILEO_REPO:-$SUBMIT_DIR}/slurm/site_setup.sh" finetune_array.sh
 SWEEP=${PHILEO_SWEEP:-slurm/sweeps/phileo_bench.yaml}
 SWEEP_NAME=$(basename "$SWEEP" .yaml)
 SCRATCH_ROOT=${SCRATCH:-${CINECA_SCRATCH:-$SUBMIT_DIR/runs}}

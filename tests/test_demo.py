@@ -79,6 +79,9 @@ def test_sweep_stage_wrote_results_table_and_plots(demo_run):
     assert str((out / "runs" / "pretrain").resolve()) in inits
     # The demo ends by saying where things are and how to look at them.
     assert "tensorboard --logdir" in proc.stdout and "results table" in proc.stdout
+    # The numbers are labelled for what they are, with the settings the demo really ran.
+    assert "a smoke test of the pipeline (phileo_cnn_tiny, 12 pretraining steps on 4 generated cells" in proc.stdout
+    assert "not a result" in proc.stdout and "<br>" not in proc.stdout
 
 
 def test_rerun_reuses_finished_stages(demo_run):

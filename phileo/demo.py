@@ -75,6 +75,13 @@ class Stage:
         return False
 
 
+def smoke_test_note(s: DemoSettings) -> str:
+    """What the demo's numbers are: the two lines printed under its results table (tests/test_demo.py)."""
+    return (f"These numbers are a smoke test of the pipeline ({s.model}, {s.steps} pretraining steps on {s.cells} "
+            f"generated cells, {'/'.join(map(str, s.n_shots))}-shot fine-tuning), not a result:\n"
+            "they say that every stage ran, not which model is better; scores need the real data (README).")
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> None:
     """Runs one launcher with its output streamed (its own progress shows); raises with the command on failure."""
     print("    $ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -218,11 +225,12 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
     rows = [("MajorTOM sample", paths["majortom"]), ("HDF5 chunks + manifest", paths["shards"] / "manifest.json"),
             ("pretraining run", paths["pretrain"]), ("checkpoints", paths["pretrain"] / "checkpoints"),
             ("PhilEO Bench sample", paths["bench"]), ("sweep folder", paths["sweep"]),
-            ("results table", table), ("plots", paths["sweep"])]
+            ("results table", table), ("plots", paths["sweep"] / "plots")]
     for name, p in rows:
         print(f"  {name:24s} {p}")
     if table.exists():
         print("\n" + table.read_text())
+    print(smoke_test_note(s))
     print(f"TensorBoard:  tensorboard --logdir {Path(s.out).resolve() / 'runs'}   "
           f"(fine-tuning, runs named by label: --logdir {paths['sweep'] / 'tensorboard'})")
     # How a campaign is watched (phileo-status); here, the finished one.

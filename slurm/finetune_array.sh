@@ -21,6 +21,7 @@
 #   PHILEO_REPO       checkout put on PYTHONPATH (default: the submit folder)
 #   PHILEO_MAX_REQUEUES  requeues after the pre-timeout signal (default 3)
 #   PHILEO_BENCH_DATA, PHILEO_WEIGHTS  read by the sweep file's ${VAR}s
+#   PHILEO_SETUP, PHILEO_CONDA, PHILEO_ENV  site set-up (slurm/site_setup.sh; PHILEO_SETUP=none off Leonardo)
 #
 # A task that already finished exits at once, an interrupted one resumes from its newest checkpoint, so re-running
 # any index (or the whole array) is safe. Before the time limit the tasks get USR2, save a checkpoint and exit 75
@@ -39,6 +40,10 @@ set -euo pipefail
 
 SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 cd "$SUBMIT_DIR"
+# Site set-up, the same as the generated jobs': modules, conda, NCCL, offline flags; refuses a task without a GPU
+# on Leonardo (a forgotten --gres=gpu:1). PHILEO_SETUP=none when your environment is already active.
+# shellcheck source=slurm/site_setup.sh
+source "${PHILEO_REPO:-$SUBMIT_DIR}/slurm/site_setup.sh" finetune_array.sh
 SWEEP=${PHILEO_SWEEP:-slurm/sweeps/phileo_bench.yaml}
 SWEEP_NAME=$(basename "$SWEEP" .yaml)
 SWEEP_DIR=${PHILEO_SWEEP_DIR:-${CINECA_SCRATCH:-$SUBMIT_DIR/runs}/phileo/runs/sweeps/$SWEEP_NAME}

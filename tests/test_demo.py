@@ -85,6 +85,9 @@ def test_sweep_stage_wrote_results_table_and_plots(demo_run):
     assert "state        completed" in tail and "16 completed" in tail and "on disk" in tail
     # --wait showed live progress of the pretraining (a line per logged step with the smoothed loss).
     assert "step 12/12 | loss " in proc.stdout
+    # The numbers are labelled for what they are, with the settings the demo really ran.
+    assert "a smoke test of the pipeline (phileo_cnn_tiny, 12 pretraining steps on 4 generated cells" in proc.stdout
+    assert "not a result" in proc.stdout and "<br>" not in proc.stdout
 
 
 def test_rerun_reuses_finished_stages(demo_run):

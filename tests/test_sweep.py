@@ -247,7 +247,7 @@ def test_collect_results_table_plots_and_missing(tmp_path, fake):
     assert float(rows[0]["test_rmse"]) == pytest.approx(0.345)
     md = outs.markdown.read_text()
     assert "## roads: test RMSE (lower is better)" in md
-    assert "| a | 0.3500 ± 0.0071<br>lr 0.001, 2 seeds |" in md
+    assert "| a | 0.3500 ± 0.0071 (lr 0.001, 2 seeds) |" in md
     assert "Failed (1): indices 5" in md and "Missing or unfinished (1): indices 12" in md
     assert "sbatch --array=5,12 " in md
     assert [p.name for p in outs.plots] == ["roads_rmse.png"]

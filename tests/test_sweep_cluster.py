@@ -48,7 +48,7 @@ def test_sweep_as_a_job_array_with_a_failed_task(tmp_path, slurm_cluster):
     bad.mkdir(parents=True)
     (bad / "model.pt").write_bytes(b"garbage")
 
-    env = {**slurm_cluster.env(), "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
+    env = {**slurm_cluster.env(), "PHILEO_SETUP": "none", "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
            "PHILEO_PYTHON": sys.executable, "PHILEO_REPO": str(REPO), "BENCH_DATA": str(data),
            "OMP_NUM_THREADS": "1"}
     common = ["--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out", "--chdir", str(REPO)]
@@ -101,7 +101,7 @@ def test_pre_timeout_signal_checkpoints_and_requeues_the_array_task(tmp_path, sl
                  "finetune.warmup_epochs": 1, "run.tensorboard": False, "run.log_every_steps": 1},
         "models": ["phileo_cnn_tiny"], "tasks": ["building"], "n_shots": [4], "lrs": [1.0e-3], "seeds": [0]}))
     out = tmp_path / "sweep"
-    env = {**slurm_cluster.env(), "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
+    env = {**slurm_cluster.env(), "PHILEO_SETUP": "none", "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
            "PHILEO_PYTHON": sys.executable, "PHILEO_REPO": str(REPO), "OMP_NUM_THREADS": "1"}
     job = sbatch(SCRIPT, ["--array=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out",
                           "--chdir", str(REPO)], env=env)

@@ -234,8 +234,8 @@ def markdown_report(results: SweepResults) -> str:
                         continue
                     mean, std = c["metrics"][metric]
                     spread = f" ± {_fmt(std)}" if std is not None else ""
-                    row.append(f"{_fmt(mean)}{spread}<br>lr {c['lr']:g}, {c['n_seeds']} seed"
-                               f"{'s' if c['n_seeds'] != 1 else ''}")
+                    row.append(f"{_fmt(mean)}{spread} (lr {c['lr']:g}, {c['n_seeds']} seed"
+                               f"{'s' if c['n_seeds'] != 1 else ''})")
                 lines.append(f"| {model} | " + " | ".join(row) + " |")
             lines.append("")
     failed, missing = results.by_status("failed"), results.by_status("missing") + results.by_status("incomplete")

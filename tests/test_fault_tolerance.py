@@ -129,3 +129,22 @@ def test_a_stopped_rank_ends_the_job_within_hang_timeout_with_stacks_written(tmp
     assert procs[0].returncode == 1 and 6 <= elapsed < 28, (procs[0].returncode, elapsed)
     stacks = (run / "stacks" / "rank_00000.txt").read_text()
     assert "Timeout (0:00:08)!" in stacks and "_train_step" in stacks  # stuck in the step (its collectives)
+
+
+# ------------------------------------------------------------------------------- the launcher's diagnosis
+def test_a_job_without_a_result_is_explained_from_the_whole_rank_logs(tmp_path):
+    from phileo.launch.submit import rank_log_cause
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    filler = "step line\n" * 2000  # far past 4 KiB: the cause is near the start, not in a tail
+    (logs / "12_0_log.err").write_text("Traceback (most recent call last):\n  File x\n"
+                                       "OSError: [Errno 28] No space left on device writing checkpoint /r/c "
+                                       "(0 B free of 1.0 MiB under /r)\n" + filler)
+    (logs / "12_1_log.err").write_text(filler + "Traceback (most recent call last):\n  File y\nValueError: z\n")
+    cause = rank_log_cause(logs)
+    assert cause.startswith("12_0_log.err: OSError: [Errno 28] No space left on device writing checkpoint /r/c")
+    (logs / "12_0_log.err").unlink()
+    assert rank_log_cause(logs) == "12_1_log.err: ValueError: z"
+    (logs / "12_1_log.err").write_text(filler)
+    assert rank_log_cause(logs) is None

@@ -25,8 +25,8 @@ from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
-from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
-                                  resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
+from phileo.launch.submit import (make_plan, prepare_run_dir, rank_log_cause, read_launch_record,
+                                  read_task_result, resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
 # Launcher flag -> config key (the engine's PretrainConfig).
 FLAG_KEYS = {
@@ -185,7 +185,9 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
         return cli.EXIT_JOB_FAILED
     outcome = read_task_result(job, 0)
     if outcome is None:
-        print(f"job {job.job_id} ended without a result from rank 0 (killed, out of memory, or cancelled); "
+        cause = rank_log_cause(run_dir / "logs")
+        print(f"job {job.job_id} ended without a result from rank 0: "
+              f"{cause or 'killed, out of memory, or cancelled (nothing telling in the rank logs)'}; "
               f"see {run_dir / 'logs'}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED
     state, value = outcome

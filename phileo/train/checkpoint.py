@@ -14,8 +14,8 @@ reads every file back into manifest.json (size and crc32 of each) and renames th
 checkpoint counts only when its manifest is there (`list_checkpoints`); a crash mid-save leaves only a dot-folder
 that the next start deletes. `verify_checkpoint` re-reads the files against the manifest: on resume a corrupt or
 truncated newest checkpoint is moved aside to `step_00000100.corrupt` with a warning and the previous good one is
-used, and retention never deletes a checkpoint until keep_last newer ones have verified. The newest checkpoint is chosen by step number, never by name order
-(the reference resumed from epoch_9 after epoch_10).
+used, and retention never deletes a checkpoint until keep_last newer ones have verified. The newest checkpoint
+is chosen by step number, never by name order (the reference resumed from epoch_9 after epoch_10).
 """
 
 from __future__ import annotations
@@ -479,7 +479,8 @@ class CheckpointManager:
 
 
 __all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "MANIFEST_FILE", "CHECKPOINTS", "DONE",
-           "write_manifest", "verify_checkpoint", "unlisted_checkpoints", "set_aside", "checkpoint_dir", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
+           "write_manifest", "verify_checkpoint", "unlisted_checkpoints", "set_aside", "checkpoint_dir",
+           "checkpoint_step", "list_checkpoints", "latest_checkpoint",
            "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints",
            "fsync_tree", "make_tree_group_readable", "save_file", "load_file", "rank_state_path",
            "capture_rng_state", "restore_rng_state", "load_model_state", "write_done", "read_done"]

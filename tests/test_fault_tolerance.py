@@ -148,3 +148,41 @@ def test_a_job_without_a_result_is_explained_from_the_whole_rank_logs(tmp_path):
     assert rank_log_cause(logs) == "12_1_log.err: ValueError: z"
     (logs / "12_1_log.err").write_text(filler)
     assert rank_log_cause(logs) is None
+
+
+# ------------------------------------------------------------------------------------ converter workers
+_POOL_PARENT = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from phileo.data import convert
+ctx = mp.get_context("spawn")
+pool = ProcessPoolExecutor(max_workers=2, mp_context=ctx, initializer=convert._worker_init,
+                           initargs=(ctx.Queue(), os.getpid()))
+futures = [pool.submit(time.sleep, 300) for _ in range(2)]
+time.sleep(3)
+print(" ".join(str(p) for p in pool._processes), flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_converter_workers_exit_when_their_parent_is_killed():
+    """The converter's own pool set-up (spawn, convert._worker_init): kill -9 the parent, the workers go."""
+    repo = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", _POOL_PARENT], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "converter workers outlived their parent"

@@ -162,7 +162,8 @@ def _launch(args: argparse.Namespace) -> int:
 
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
-    job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
+    job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues,
+                                   max_failures=getattr(args, "max_failures", 3)))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
     print(f"submitted {cluster} job {job.job_id} ({job_cost(site, res).describe()} at most)")

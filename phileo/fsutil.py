@@ -8,9 +8,11 @@ within one directory on POSIX file systems, including Lustre.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -74,10 +76,59 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
                 os.fsync(fh.fileno())
         make_group_readable(tmp)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise DiskFullError(final) from e
         raise
+
+
+class DiskFullError(OSError):
+    """ENOSPC while writing `path`, said plainly: the path, the free space left, and that the file was not
+    replaced (an atomic write leaves the previous version in place). errno is ENOSPC, so `except OSError`
+    handlers that test it still see it."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "file"):
+        self.path = Path(path)
+        super().__init__(errno.ENOSPC, f"No space left on device writing {what} {self.path} "
+                                       f"({free_space_text(self.path)}); the previous version, if any, is intact: "
+                                       f"free space there (old runs, old checkpoints) or move the run folder")
+
+
+def free_space_text(path: str | os.PathLike) -> str:
+    """'12.3 MiB free of 1.0 GiB on <mount>' for the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError as e:
+        return f"free space unknown: {e}"
+    return f"{_bytes_text(usage.free)} free of {_bytes_text(usage.total)} under {p}"
+
+
+def _bytes_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when `exc`, or an exception it was raised from or during, is ENOSPC: torch.save into a Python file
+    raises a RuntimeError from its zip writer whose __context__ is the OSError, and some libraries keep only the
+    OS message's text, so that is checked too."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "error code: 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

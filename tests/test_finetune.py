@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from phileo.train import checkpoint as ckpt_io
+
 from phileo.config import ConfigError, apply_overrides
 from phileo.bench.data import BenchDataset, worldcover_to_class
 from phileo.bench.synthetic import make_bench_data
@@ -158,6 +160,7 @@ def test_frozen_encoder_from_a_pretraining_checkpoint(data, tmp_path):
         for p in pre.parameters():
             p.data.normal_()
         save_published(pre, tmp_path / "pre" / "checkpoints" / f"step_{step:08d}" / "model.pt", step=step)
+        ckpt_io.write_manifest(tmp_path / "pre" / "checkpoints" / f"step_{step:08d}", step)  # saved, complete
     assert resolve_init(str(tmp_path / "pre")) == tmp_path / "pre" / "checkpoints" / "step_00000010"
     out = run_finetuning(_cfg(data, tmp_path / "run", **{"model.init": str(tmp_path / "pre"),
                                                          "model.freeze_encoder": True}))

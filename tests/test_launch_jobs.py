@@ -237,3 +237,27 @@ def test_no_private_submitit_name_in_phileo():
     """Only submitit's public API: no private import, attribute or getattr name. The dry-run renderer names
     submitit's entry module (SUBMITIT_ENTRY) as a string, because the script it shows must be the one queued."""
     assert [u for p in sorted((REPO / "phileo").rglob("*.py")) for u in _private_submitit_uses(p)] == []
+
+
+@pytest.mark.slow
+def test_a_failure_is_retried_up_to_max_failures_then_the_run_says_failed(tmp_path, job_pythonpath):
+    """submitit's local executor: a job whose first 2 starts raise finishes with max_failures=3; one that always
+    raises ends after 1 retry with state.json "failed" and a one-line reason."""
+    site = load_site("local")
+    res = resolve_resources(site, gpus_per_node=1, time="5")
+    runs = {"retried": (tmp_path / "retried", 3), "gives_up": (tmp_path / "gives_up", 1)}
+    jobs = {}
+    for name, (run, max_failures) in runs.items():
+        fn = TrainingJob(FAKE, {"config": {"dir": str(run), "steps": 3, "step_s": 0.05, "fail_starts": 2 if
+                                           name == "retried" else 99}}, max_failures=max_failures)
+        jobs[name] = submit(make_plan("local", site, res, run / "logs"), fn)
+    wait_for(list(jobs.values()), timeout_s=150, poll_s=0.5)
+    state, result = read_task_result(jobs["retried"], 0)
+    assert state == "success" and (result.status, result.step) == ("completed", 3)
+    record = json.loads((runs["retried"][0] / "state.json").read_text())
+    assert record["failures"] == 2 and [e["event"] for e in record["events"]] == ["failure", "failure"]
+    assert len(list(runs["retried"][0].glob("start_rank0_*.json"))) == 3
+    record = json.loads((runs["gives_up"][0] / "state.json").read_text())
+    assert record["state"] == "failed" and record["failures"] == 2
+    assert record["reason"] == "failed 2 time(s), max_failures=1: RuntimeError: injected failure at start 1"
+    assert len(list(runs["gives_up"][0].glob("start_rank0_*.json"))) == 2

@@ -62,8 +62,8 @@ def test_checkpoint_manager_saves_lists_and_keeps_the_newest(tmp_path):
         assert folder == ckpt_io.checkpoint_dir(tmp_path, step) and manager.verify(folder) == []
     assert [s for s, _ in manager.list()] == [4, 6] and manager.latest().name == "step_00000006"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
-    assert sorted(p.name for p in manager.latest().iterdir()) == ["model.pt", "optimizer.pt", "rank_00000.pt",
-                                                                   "trainer.pt"]
+    assert sorted(p.name for p in manager.latest().iterdir()) == ["manifest.json", "model.pt", "optimizer.pt",
+                                                                   "rank_00000.pt", "trainer.pt"]
     assert manager.load_task_state() == {"best": 6}
 
 
@@ -93,7 +93,9 @@ def test_checkpoint_manager_verify_names_what_is_missing_and_stale_folders_go(tm
     folder = _save(manager, strategy, 5)
     (folder / "trainer.pt").unlink()
     (folder / "model.pt").write_bytes(b"")
-    assert manager.verify(folder) == ["model.pt is empty", "trainer.pt is missing"]
+    problems = ckpt_io.verify_checkpoint(folder)
+    assert len(problems) == 2 and problems[0].startswith("model.pt has 0 bytes, the manifest says")
+    assert problems[1] == "trainer.pt is missing"
     with pytest.raises(FileNotFoundError, match="trainer state not found: .*trainer.pt.*delete it"):
         manager.load(folder, strategy, expect_strategy="ddp")
     stale = ckpt_io.tmp_checkpoint_dir(tmp_path, 7)
@@ -316,3 +318,116 @@ def test_job_configs_share_the_engine_sections():
     assert ft["optim"]["lr"] == 1e-3 and ft["optim"]["lr_scaling"] == "sqrt" and ft["train"]["grad_clip_norm"] == 0
     assert ft["model"]["init"] == "scratch" and ft["data"]["eval_batch_size"] == 0 and "finetune" in ft
     assert json.dumps(ft)  # plain data
+
+
+# ---------------------------------------------------------------- checkpoint manifests, skip-bad, retention
+def _flip_bytes(path: Path, offset: int = 200, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, min(offset + n, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_lists_every_file_and_verify_catches_flips_and_truncation(tmp_path):
+    strategy = _strategy(0)
+    manager = CheckpointManager(tmp_path, keep_last=3, info=ONE)
+    folder = _save(manager, strategy, 2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["step"] == 2 and sorted(manifest["files"]) == ["model.pt", "optimizer.pt", "rank_00000.pt",
+                                                                    "trainer.pt"]
+    assert all(v["size"] == (folder / k).stat().st_size for k, v in manifest["files"].items())
+    assert ckpt_io.verify_checkpoint(folder) == []
+    _flip_bytes(folder / "optimizer.pt")
+    assert ckpt_io.verify_checkpoint(folder) == ["optimizer.pt does not match its checksum (corrupt)"]
+    # Without the manifest it reads as a checkpoint of the layout before manifests (presence only) ...
+    (folder / "manifest.json").unlink()
+    assert manager.list() == [(2, folder)] and ckpt_io.verify_checkpoint(folder) == []
+    # ... and without trainer.pt too, as an unfinished copy, which is never listed.
+    (folder / "trainer.pt").unlink()
+    assert manager.list() == [] and ckpt_io.unlisted_checkpoints(tmp_path) == [folder]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "trainer_missing", "flip"])
+def test_a_bad_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path, damage, caplog):
+    saved = _strategy(0)
+    manager = CheckpointManager(tmp_path, keep_last=3, info=ONE)
+    _train_one_step(saved)
+    good = _save(manager, saved, 2)
+    _train_one_step(saved)
+    bad = _save(manager, saved, 4)
+    if damage == "truncate":
+        model = bad / "model.pt"
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif damage == "trainer_missing":
+        (bad / "trainer.pt").unlink()
+    else:
+        _flip_bytes(bad / "model.pt")
+    fresh_manager = CheckpointManager(tmp_path, keep_last=3, info=ONE)  # a new launch: nothing cached
+    with caplog.at_level(logging.WARNING, logger="phileo.train"):
+        assert fresh_manager.latest() == good
+    assert "step_00000004 is unusable" in caplog.text and "resuming from the previous one" in caplog.text
+    assert not bad.exists() and (tmp_path / "checkpoints" / "step_00000004.corrupt").is_dir()
+    resumed = fresh_manager.load(good, _strategy(5), expect_strategy="ddp")
+    assert resumed.step == 2
+
+
+def test_retention_keeps_the_last_verified_checkpoint_until_its_successor_verifies(tmp_path):
+    strategy = _strategy(0)
+    manager = CheckpointManager(tmp_path, keep_last=1, info=ONE)
+    first = _save(manager, strategy, 2)
+    second = _save(manager, strategy, 4)
+    assert manager.list() == [(4, second)] and not first.exists()  # the successor verified: the old one goes
+    _flip_bytes(second / "model.pt")  # bit rot after the save, seen by a new launch
+    later = CheckpointManager(tmp_path, keep_last=1, info=ONE)
+    assert later.prune() == [] and second.exists()  # nothing verified newer: nothing may go
+    assert later.latest() is None  # the only one is bad: set aside, start afresh (said in the log)
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_during_a_save_is_named_and_the_previous_checkpoint_stays(tmp_path):
+    """A real full file system (a 1 MiB tmpfs; needs root, else skipped): ENOSPC names the path and the free
+    space, the half-written folder goes, the previous checkpoint still verifies."""
+    import subprocess
+
+    small = tmp_path / "small"
+    if not _tmpfs(small, "1m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        manager = CheckpointManager(small, keep_last=2, info=ONE)
+        torch.manual_seed(0)
+        small_model = build_strategy(nn.Linear(4, 2), ONE, TrainConfig(device="cpu"), OptimConfig(), 4, False)
+        first = _save(manager, small_model, 1)
+        big = build_strategy(nn.Linear(512, 512), ONE, TrainConfig(device="cpu"), OptimConfig(), 4, False)
+        with pytest.raises(OSError, match=r"No space left on device writing checkpoint .*\.step_00000002\.tmp "
+                                          r"\(.* free of 1\.0 MiB under .*small.*previous one .*step_00000001"):
+            _save(manager, big, 2)
+        assert manager.list() == [(1, first)] and ckpt_io.verify_checkpoint(first) == []
+        assert not ckpt_io.tmp_checkpoint_dir(small, 2).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_checkpoint_written_before_manifests_is_still_resumed_from(tmp_path):
+    """A campaign running across the upgrade keeps its progress: a step folder with model.pt and trainer.pt but
+    no manifest (the old layout) is listed and verifies; one without trainer.pt (an unfinished copy) is not."""
+    from phileo.train.checkpoint import (MANIFEST_FILE, is_legacy_checkpoint, latest_checkpoint, list_checkpoints,
+                                         unlisted_checkpoints, verify_checkpoint)
+
+    root = tmp_path / "checkpoints"
+    old = root / "step_00000010"
+    old.mkdir(parents=True)
+    (old / "model.pt").write_bytes(b"m")
+    (old / "trainer.pt").write_bytes(b"t")
+    partial = root / "step_00000020"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(b"m")
+    assert not (old / MANIFEST_FILE).exists() and is_legacy_checkpoint(old) and not is_legacy_checkpoint(partial)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10] and latest_checkpoint(tmp_path) == old
+    assert verify_checkpoint(old) == [] and unlisted_checkpoints(tmp_path) == [partial]

@@ -186,7 +186,10 @@ def _fake_ckpt(run: Path, name: str, complete: bool = True) -> Path:
     d = run / "checkpoints" / name
     d.mkdir(parents=True)
     if complete:
-        (d / "model.pt").write_bytes(b"x")
+        for part in ("model.pt", "trainer.pt"):
+            (d / part).write_bytes(b"x")
+        if name.startswith("step_"):
+            ckpt_io.write_manifest(d, int(name[5:]))
     return d
 
 
@@ -194,7 +197,7 @@ def test_latest_checkpoint_is_chosen_by_step_number_not_name(tmp_path):
     assert ckpt_io.latest_checkpoint(tmp_path) is None
     _fake_ckpt(tmp_path, "step_9")
     _fake_ckpt(tmp_path, "step_10")
-    _fake_ckpt(tmp_path, "step_11", complete=False)  # no model.pt: not complete
+    _fake_ckpt(tmp_path, "step_11", complete=False)  # no manifest: not complete
     _fake_ckpt(tmp_path, ".step_00000012.tmp")  # being written
     assert ckpt_io.latest_checkpoint(tmp_path).name == "step_10"
     assert [s for s, _ in ckpt_io.list_checkpoints(tmp_path)] == [9, 10]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import queue
 import sys
 import threading
@@ -351,9 +352,23 @@ def _remove_stale_temporaries(out: Path, indices: Sequence[int]) -> int:
     return removed
 
 
-def _worker_init(q):
+def _worker_init(q, parent_pid: int | None = None):
     global _PROGRESS_QUEUE
     _PROGRESS_QUEUE = q
+    die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Makes this worker process end when the converter that started it dies (kill -9 included), instead of
+    staying behind, hung on its queue, forever (outside SLURM nobody cleans up). Linux: PR_SET_PDEATHSIG, the
+    kernel's SIGKILL on the parent's exit; then a check that the parent has not already gone (a race with it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 _PROGRESS_QUEUE = None
@@ -433,7 +448,7 @@ def _run_pool(jobs, workers: int, bar) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(q,)) as pool:
+                                 initargs=(q, os.getpid())) as pool:
             futures = {pool.submit(_worker_convert, job): job[0] for job in jobs}
             try:
                 for fut in as_completed(futures):

@@ -49,6 +49,19 @@ def add_resource_args(p: argparse.ArgumentParser, gpus: bool = True) -> None:
     g.add_argument("--signal-delay-s", type=int, default=None,
                    help="send USR2 this many seconds before the time limit (checkpoint and requeue)")
     g.add_argument("--max-requeues", type=int, default=None, help="how often a job may requeue itself")
+    g.add_argument("--max-failures", type=_non_negative, default=3,
+                   help="how often a failure that is not a preemption (an exception, a dead or hung rank) is "
+                        "retried from the last good checkpoint before the run stops as failed (default 3)")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def add_recipe_arg(g: Any) -> None:

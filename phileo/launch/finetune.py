@@ -124,7 +124,8 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     record_pending(run_dir)
-    job = submit(plan, TrainingJob("finetune", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
+    job = submit(plan, TrainingJob("finetune", {"config": to_dict(cfg)}, max_requeues=res.max_requeues,
+                                   max_failures=getattr(args, "max_failures", 3)))
     update_launch_record(run_dir, kind="finetune", site=site.name, cluster=cluster, resources=res.to_dict(),
                          argv=list(sys.argv), job_ids=[job.job_id])
     record_job_id(run_dir, job.job_id)

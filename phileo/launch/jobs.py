@@ -193,11 +193,13 @@ class TrainingJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, kind: Union[str, JobKind], payload: Mapping[str, Any], max_requeues: int = 10,
-                 requeue_count: int = 0):
+                 requeue_count: int = 0, max_failures: int = 3, failure_count: int = 0):
         self.kind = job_kind(kind)
         self.payload = dict(payload)
         self.max_requeues = int(max_requeues)
         self.requeue_count = int(requeue_count)
+        self.max_failures = int(max_failures)
+        self.failure_count = int(failure_count)
 
     @property
     def how_to_continue(self) -> str:
@@ -232,13 +234,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def resubmission(self) -> "TrainingJob":
         """This job as the requeued run will execute it (one more requeue counted)."""
-        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count + 1)
+        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count + 1, self.max_failures,
+                           self.failure_count)
+
+    def retry(self) -> "TrainingJob":
+        """This job as it runs again after a failure (one more failure counted)."""
+        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count, self.max_failures,
+                           self.failure_count + 1)
 
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
         if env.cluster == "local":
             export_local_rank_env(env)
-        result = self.kind.call(self.payload)
+        try:
+            result = self.kind.call(self.payload)
+        except Exception as e:
+            from phileo.run_lock import RunLocked
+
+            if self.kind.requeue and not isinstance(e, RunLocked):  # a second writer is refused, not retried
+                self._retry_or_fail(env, e)
+            raise
         if self.kind.requeue and getattr(result, "status", None) == PREEMPTED:
             self._requeue_or_stop(env, result)
         return result
@@ -273,6 +288,33 @@ class TrainingJob(submitit.helpers.Checkpointable):
             return
         # No result pickle for this run: the job is not over. SystemExit passes submitit's `except Exception`.
         raise SystemExit(exit_codes.PREEMPTED)
+
+    def _retry_or_fail(self, env: Any, error: BaseException) -> None:
+        """A failure that is not a preemption (an exception on this rank): requeue from the last good checkpoint
+        while failures are left (--max-failures), else record the final state "failed" with a one-line reason in
+        the run's state.json. Returns to let the exception end this process when there is no retry."""
+        from phileo.run_state import update_state
+
+        reason = (f"{type(error).__name__}: {error}".splitlines() or ["?"])[0][:300]
+        run_dir = self.run_dir
+        if self.failure_count < self.max_failures:
+            if run_dir is not None:
+                update_state(run_dir, "requeued", event="failure", detail=reason, reason=reason,
+                             failures=self.failure_count + 1, max_failures=self.max_failures)
+            print(f"[phileo.launch] job {env.job_id} failed ({reason}); retrying from the last good checkpoint "
+                  f"({self.failure_count + 1}/{self.max_failures} failures)", file=sys.stderr, flush=True)
+            save_resubmission(env.paths.submitted_pickle, self.retry())
+            try:
+                request_requeue(env.cluster, env.job_id)
+            except RequeueRefused as e:
+                print(f"[phileo.launch] job {env.job_id}: retry refused ({e})", file=sys.stderr, flush=True)
+            else:
+                raise SystemExit(exit_codes.FAILED)
+        if run_dir is not None:
+            update_state(run_dir, "failed", event="failed", detail=reason, failures=self.failure_count + 1,
+                         max_failures=self.max_failures,
+                         reason=f"failed {self.failure_count + 1} time(s), max_failures={self.max_failures}: "
+                                f"{reason}")
 
     def __repr__(self) -> str:
         what = f", argv={self.payload.get('argv')!r}" if "argv" in self.payload else ""

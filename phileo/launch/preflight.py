@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from phileo import run_lock
 from phileo.launch.resources import JobResources, job_cost, parse_mem_mb
 from phileo.launch.sites import SiteProfile, format_minutes
 from phileo.launch import slurm as slurm_cli
@@ -182,6 +183,11 @@ def check_run_dir(run_dir: Path, fresh: bool, is_run: Callable[[Path], bool] = N
     if fresh and p.is_dir() and is_run is not None and is_run(p):
         problems.append(f"run folder {p} already holds a run; continue it with --resume {p}, or choose "
                         f"another --run-dir")
+    elif p.is_dir():
+        # One writer per run: a --resume (or a relaunch) into a folder a live job still trains into.
+        locked = run_lock.lock_problem(p)
+        if locked:
+            problems.append(locked)
     return problems
 
 

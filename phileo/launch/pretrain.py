@@ -27,7 +27,7 @@ from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
 from phileo.run_state import record_job_id, record_pending
-from phileo.launch.submit import (make_plan, prepare_run_dir, read_launch_record, read_task_result,
+from phileo.launch.submit import (make_plan, prepare_run_dir, rank_log_cause, read_launch_record, read_task_result,
                                   resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
 # Launcher flag -> config key (the engine's PretrainConfig).
@@ -166,7 +166,8 @@ def _launch(args: argparse.Namespace) -> int:
     prepare_run_dir(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
     record_pending(run_dir, cfg.train.steps)
-    job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues))
+    job = submit(plan, TrainingJob("pretrain", {"config": to_dict(cfg)}, max_requeues=res.max_requeues,
+                                   max_failures=getattr(args, "max_failures", 3)))
     update_launch_record(run_dir, site=site.name, site_path=site.path, cluster=cluster,
                          resources=res.to_dict(), argv=list(sys.argv), job_ids=[job.job_id])
     record_job_id(run_dir, job.job_id)
@@ -200,7 +201,9 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
         progress.close()
     outcome = read_task_result(job, 0)
     if outcome is None:
-        print(f"job {job.job_id} ended without a result from rank 0 (killed, out of memory, or cancelled); "
+        cause = rank_log_cause(run_dir / "logs")
+        print(f"job {job.job_id} ended without a result from rank 0: "
+              f"{cause or 'killed, out of memory, or cancelled (nothing telling in the rank logs)'}; "
               f"see {run_dir / 'logs'}", file=sys.stderr)
         return cli.EXIT_JOB_FAILED
     state, value = outcome

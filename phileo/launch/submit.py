@@ -210,3 +210,36 @@ def prepare_run_dir(run_dir: Path) -> None:
     for d in (run_dir, run_dir / "logs"):
         d.mkdir(parents=True, exist_ok=True)
         make_group_readable(d, directory=True)
+
+
+# What a rank's log says when a job ended without a result, most telling first.
+_CAUSES = ("No space left on device", "Timeout (", "RunLocked", "CUDA out of memory", "MemoryError",
+           "OutOfMemory", "oom-kill", "Killed", "CANCELLED", "Traceback (most recent call last)")
+
+
+def rank_log_cause(log_dir: Path, max_lines: int = 3) -> Optional[str]:
+    """The lines of the job's rank logs (every file under `log_dir`, read whole, not a tail) that say why it
+    ended: a full disk, the hang watchdog's "Timeout", an OOM, a kill, else the last exception line. None when
+    nothing telling is found."""
+    hits: list[tuple[int, str]] = []
+    for f in sorted(Path(log_dir).glob("**/*")):
+        if not f.is_file() or f.suffix not in (".out", ".err", ".txt", ".log"):
+            continue
+        try:
+            lines = f.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for i, line in enumerate(lines):
+            for rank, pattern in enumerate(_CAUSES):
+                if pattern in line:
+                    text = line.strip()
+                    if pattern.startswith("Traceback"):  # the exception itself is the traceback's last line
+                        text = next((x.strip() for x in lines[i + 1:] if x and not x.startswith((" ", "\t"))),
+                                    text)
+                    hits.append((rank, f"{f.name}: {text[:300]}"))
+    if not hits:
+        return None
+    best = min(r for r, _ in hits)
+    chosen = [t for r, t in hits if r == best]
+    return "; ".join(dict.fromkeys(chosen[-max_lines:]))
+

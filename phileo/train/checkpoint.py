@@ -7,11 +7,15 @@
         optimizer.pt     optimizer + LR scheduler state (ddp; replicated, written by rank 0)
         deepspeed/state/ DeepSpeed's own sharded checkpoint (zero1-3: every rank writes its partition)
         rank_00000.pt    per global rank: RNG states (torch, CUDA, numpy, python) and the data position
+        manifest.json    written last: {"format", "version", "step", "files": {relative path: {"size", "crc32"}}}
 
-A checkpoint is written into `checkpoints/.step_00000100.tmp` by all ranks and renamed to `step_00000100` by
-rank 0 once every rank has finished, so a folder named `step_*` is always complete; a crash mid-save leaves only
-a dot-folder that the next start deletes. The newest checkpoint is chosen by step number, never by name order
-(the reference resumed from epoch_9 after epoch_10).
+A checkpoint is written into `checkpoints/.step_00000100.tmp` by all ranks; once every rank has finished, rank 0
+reads every file back into manifest.json (size and crc32 of each) and renames the folder to `step_00000100`. A
+checkpoint counts only when its manifest is there (`list_checkpoints`); a crash mid-save leaves only a dot-folder
+that the next start deletes. `verify_checkpoint` re-reads the files against the manifest: on resume a corrupt or
+truncated newest checkpoint is moved aside to `step_00000100.corrupt` with a warning and the previous good one is
+used, and retention never deletes a checkpoint until keep_last newer ones have verified. The newest checkpoint
+is chosen by step number, never by name order (the reference resumed from epoch_9 after epoch_10).
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from phileo.fsutil import atomic_path, atomic_write_json, make_group_readable, read_json
+from phileo.fsutil import (DiskFullError, atomic_path, atomic_write_json, file_digest, is_disk_full,
+                           make_group_readable, read_json)
 from phileo.train import dist
 
 CHECKPOINTS = "checkpoints"
 DONE = "DONE"
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "phileo-checkpoint"
+MANIFEST_VERSION = 1
+CORRUPT_SUFFIX = ".corrupt"
 log = logging.getLogger("phileo.train")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -60,11 +69,86 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        # model.pt is written last-but-one before the rename; its presence guards against a folder someone
-        # copied half-way by hand.
-        if m and p.is_dir() and (p / "model.pt").is_file():
+        # The manifest is written last, after every rank's files: without it the folder is not a checkpoint,
+        # unless it is one written before manifests existed (renamed into place complete, as saves always were).
+        if m and p.is_dir() and ((p / MANIFEST_FILE).is_file() or is_legacy_checkpoint(p)):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def is_legacy_checkpoint(folder: Path) -> bool:
+    """A checkpoint of a version before manifests: no manifest.json, but model.pt and trainer.pt (such folders
+    were assembled under a temporary name and renamed when complete). Resumed from, so a campaign running across
+    the upgrade keeps its progress; verified by presence only, since nothing recorded its sizes or checksums."""
+    return not (folder / MANIFEST_FILE).exists() and (folder / MODEL_FILE).is_file() \
+        and (folder / TRAINER_FILE).is_file()
+
+
+def unlisted_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """step_* folders without a manifest (incomplete, or from a version before manifests): never resumed from."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if _STEP_RE.match(p.name) and p.is_dir() and not (p / MANIFEST_FILE).is_file()
+                  and not is_legacy_checkpoint(p))
+
+
+def write_manifest(folder: str | os.PathLike, step: int) -> Path:
+    """Reads back every file under `folder` and writes manifest.json (size, crc32 of each) last, atomically."""
+    folder = Path(folder)
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in sorted(names):
+            f = Path(dirpath) / name
+            rel = f.relative_to(folder).as_posix()
+            if rel == MANIFEST_FILE or name.endswith(".tmp"):
+                continue
+            files[rel] = {"size": f.stat().st_size, "crc32": file_digest(f, "crc32")}
+    return atomic_write_json(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                                                      "step": step, "files": dict(sorted(files.items()))})
+
+
+def verify_checkpoint(folder: str | os.PathLike, checksums: bool = True) -> list[str]:
+    """What is wrong with the checkpoint `folder` against its manifest (empty when it is intact): the manifest
+    missing or unreadable, model.pt/trainer.pt not listed, a listed file missing, of another size, or (with
+    `checksums`) of another crc32. Reads every file once (crc32, ~3 GB/s)."""
+    p = Path(folder)
+    problems = []
+    if not _STEP_RE.match(p.name):
+        problems.append(f"{p.name} is not named step_<digits>")
+    try:
+        manifest = read_json(p / MANIFEST_FILE, "checkpoint manifest")
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except FileNotFoundError:
+        if is_legacy_checkpoint(p):
+            return problems  # written before manifests: model.pt and trainer.pt are there, nothing else to check
+        return problems + [f"{MANIFEST_FILE} is missing (the save did not finish)"]
+    except (ValueError, KeyError, TypeError) as e:
+        return problems + [f"{MANIFEST_FILE} is unreadable ({e})"]
+    for name in (MODEL_FILE, TRAINER_FILE):
+        if name not in files:
+            problems.append(f"{name} is not in the manifest")
+    for rel, want in files.items():
+        f = p / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+        elif checksums and file_digest(f, "crc32") != want["crc32"]:
+            problems.append(f"{rel} does not match its checksum (corrupt)")
+    return problems
+
+
+def set_aside(folder: Path) -> Path:
+    """Renames a bad checkpoint to step_X.corrupt (no longer listed, kept for a look); returns the new name."""
+    aside = folder.with_name(folder.name + CORRUPT_SUFFIX)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    return aside
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -147,10 +231,18 @@ def commit_tmp_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Deletes all but the `keep_last` newest complete checkpoints (by step); returns the deleted folders."""
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int,
+                      is_good: Any = lambda p: not verify_checkpoint(p)) -> list[Path]:
+    """Retention: keeps the `keep_last` newest checkpoints that pass `is_good` (default: verify_checkpoint) and
+    everything newer than the oldest of them; deletes what is older. Nothing is deleted until keep_last good ones
+    exist, so the last verified checkpoint outlives a successor that fails verification. Returns the deleted."""
     found = list_checkpoints(run_dir)
-    doomed = [p for _, p in found[:-keep_last]] if keep_last > 0 else []
+    good, doomed = 0, []
+    for _, p in reversed(found):
+        if good >= keep_last > 0:
+            doomed.append(p)
+        elif is_good(p):
+            good += 1
     for p in doomed:
         delete_checkpoint(p)
     return doomed
@@ -165,9 +257,10 @@ def delete_checkpoint(path: Path) -> None:
 
 
 def save_file(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save through a temporary name (used for model.pt and friends)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through a temporary name (used for model.pt and friends). Through a Python file object, so a
+    full disk surfaces as OSError ENOSPC (torch's own file writer reports only "iostream error")."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return Path(path)
 
 
@@ -247,8 +340,10 @@ class CheckpointManager:
     writes the rest (trainer.pt on global rank 0, rank_*.pt on every rank) and owns the folder's life cycle.
     All methods that take part in a save or load are collective: call them on every rank.
 
-    Per-file manifests and "skip a bad newest checkpoint" (issue 14) belong in verify() and latest(): listing
-    and resuming already go through them and nothing else decides what a complete checkpoint is.
+    What a complete checkpoint is has one answer, here: listed (manifest written last), and verify() finds every
+    file of the manifest with its size and checksum. latest() skips (sets aside) a newest one that fails, and
+    prune() keeps keep_last verified ones. A full disk during save() is a DiskFullError naming the path and the
+    free space; the half-written folder is deleted and the previous checkpoint stays as it was.
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, info: dist.DistInfo):
@@ -257,6 +352,7 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self.info = info
+        self._verified: set[tuple[str, int]] = set()  # (folder, manifest mtime) checked by this process
 
     # -- what is there
     def list(self) -> list[tuple[int, Path]]:
@@ -264,23 +360,45 @@ class CheckpointManager:
         return list_checkpoints(self.run_dir)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint (decided on global rank 0, the same answer on every rank)."""
-        return dist.broadcast_object(latest_checkpoint(self.run_dir) if self.info.is_main else None)
+        """The newest checkpoint that verifies (decided on global rank 0, the same answer on every rank). A newer
+        one that fails verification is set aside (step_X.corrupt) with a warning naming what is wrong, so a
+        requeued job goes on from the previous good one instead of stopping the campaign."""
+        return dist.broadcast_object(self._newest_good() if self.info.is_main else None)
+
+    def _newest_good(self) -> Path | None:
+        for old in unlisted_checkpoints(self.run_dir):
+            log.warning("ignoring %s: it has no %s and no %s + %s (an unfinished copy); delete it if it is not "
+                        "needed", old, MANIFEST_FILE, MODEL_FILE, TRAINER_FILE)
+        for _, p in reversed(self.list()):
+            problems = self.verify(p)
+            if not problems:
+                if is_legacy_checkpoint(p):
+                    log.warning("resuming from %s, written before checkpoint manifests: its files are checked by "
+                                "presence only (the next save writes a manifest)", p.name)
+                return p
+            aside = set_aside(p)
+            log.warning("checkpoint %s is unusable (%s): moved aside to %s, resuming from the previous one",
+                        p.name, "; ".join(problems), aside.name)
+        return None
 
     def verify(self, ckpt: str | os.PathLike) -> list[str]:
-        """What is wrong with the checkpoint folder `ckpt` (empty when it is usable): missing or empty files of
-        the parts this class and the strategy write. Does not read the tensors."""
+        """What is wrong with the checkpoint folder `ckpt` against its manifest (empty when it is usable); see
+        verify_checkpoint. A folder verified once by this manager (its own save) is not read again."""
         p = Path(ckpt)
-        problems = []
-        if not _STEP_RE.match(p.name):
-            problems.append(f"{p.name} is not named step_<digits>")
-        for name in (MODEL_FILE, TRAINER_FILE):
-            f = p / name
-            if not f.is_file():
-                problems.append(f"{name} is missing")
-            elif f.stat().st_size == 0:
-                problems.append(f"{name} is empty")
+        key = self._verified_key(p)
+        if key is not None and key in self._verified:
+            return []
+        problems = verify_checkpoint(p)
+        if not problems and key is not None:
+            self._verified.add(key)
         return problems
+
+    @staticmethod
+    def _verified_key(p: Path) -> tuple[str, int] | None:
+        try:
+            return str(p), (p / MANIFEST_FILE).stat().st_mtime_ns
+        except OSError:
+            return None
 
     def clean_stale(self) -> list[Path]:
         """Deletes half-written folders of an earlier crash (global rank 0, before any save); returns them."""
@@ -297,23 +415,45 @@ class CheckpointManager:
         if self.info.is_main:
             prepare_tmp_dir(self.run_dir, step)
         dist.barrier()
-        strategy.save(tmp, payload)
-        save_file(rank_state, rank_state_path(tmp, self.info.global_rank))
-        if self.info.is_main:
-            save_file(trainer_state, tmp / TRAINER_FILE)
-        fsync_tree(tmp)
+        try:
+            strategy.save(tmp, payload)
+            save_file(rank_state, rank_state_path(tmp, self.info.global_rank))
+            if self.info.is_main:
+                save_file(trainer_state, tmp / TRAINER_FILE)
+            fsync_tree(tmp)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._disk_full(tmp) from e
         dist.barrier()
         if self.info.is_main:
+            try:
+                write_manifest(tmp, step)
+            except DiskFullError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise self._disk_full(tmp) from e
             commit_tmp_dir(tmp, final)
+            # The manifest was computed by reading the files back: this checkpoint is verified.
+            key = self._verified_key(final)
+            if key is not None:
+                self._verified.add(key)
             self.prune()
         dist.barrier()
         return final
+
+    def _disk_full(self, tmp: Path) -> DiskFullError:
+        found = self.list()
+        err = DiskFullError(tmp, "checkpoint")
+        err.strerror = (f"{err.strerror}; the unfinished checkpoint was deleted and the previous one "
+                        f"({found[-1][1] if found else 'none'}) is untouched")
+        return err
 
     def prune(self) -> list[Path]:
         """Retention: deletes all but the keep_last newest complete checkpoints (global rank 0)."""
         if not self.info.is_main:
             return []
-        doomed = prune_checkpoints(self.run_dir, self.keep_last)
+        doomed = prune_checkpoints(self.run_dir, self.keep_last, is_good=lambda p: not self.verify(p))
         for old in doomed:
             log.info("deleted old checkpoint %s (checkpoint.keep_last=%d)", old.name, self.keep_last)
         return doomed
@@ -368,7 +508,10 @@ class CheckpointManager:
             (self.run_dir / DONE).unlink(missing_ok=True)
 
 
-__all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "CHECKPOINTS", "DONE", "checkpoint_dir", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
-           "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints", "delete_checkpoint",
+__all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "MANIFEST_FILE", "CHECKPOINTS", "DONE",
+           "write_manifest", "verify_checkpoint", "is_legacy_checkpoint", "unlisted_checkpoints", "set_aside", "checkpoint_dir",
+           "checkpoint_step", "list_checkpoints", "latest_checkpoint",
+           "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints",
+           "delete_checkpoint",
            "fsync_tree", "make_tree_group_readable", "save_file", "load_file", "rank_state_path",
            "capture_rng_state", "restore_rng_state", "load_model_state", "write_done", "read_done"]

@@ -224,8 +224,14 @@ class RunConfig:
     # Peak dense TFLOP/s of one device in the training precision, for the MFU estimate. Unset: taken from a
     # table of known GPUs (A100, H100, H200) for bf16; MFU is not reported on CPU or unknown devices.
     peak_tflops_per_device: Optional[float] = None
+    # A rank with no finished step for this long writes its stacks to run.dir/stacks/ and exits 1, so the job ends
+    # and is requeued (0 = off). Below NCCL's 600 s watchdog and the 900 s process-group timeout; above the
+    # slowest step, evaluation or checkpoint save (the timer is re-armed around each).
+    hang_timeout_s: float = 480.0
 
     def validate(self) -> None:
+        if self.hang_timeout_s < 0:
+            raise ConfigError(f"run.hang_timeout_s must be >= 0 seconds (0 = no watchdog), got {self.hang_timeout_s}")
         if not self.dir:
             raise ConfigError("run.dir must be set (the run folder, on shared scratch for multi-node jobs)")
         if self.log_every_steps < 1:

@@ -228,6 +228,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 900, env: Mapping[st
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = torch.device(dev)
+            # A failed or timed-out NCCL collective aborts the communicator and raises on every rank, instead of
+            # leaving the others blocked in the kernel (the default in recent torch; set in case a site unsets it).
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch_dist.init_process_group(backend=backend, init_method="env://", rank=info.global_rank,
                                       world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s),
                                       **kwargs)

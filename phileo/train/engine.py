@@ -30,7 +30,9 @@ What `fit()` does, in order:
     newest checkpoint to run the test (a crash after training but before the outputs); a stop signal during the
     test ends the launch "preempted".
 An exception on one rank propagates; the other ranks then fail in their next collective (the peer is gone) or
-after train.dist_timeout_s, and under srun --kill-on-bad-exit / torchrun the job ends.
+after train.dist_timeout_s, and under srun --kill-on-bad-exit / torchrun the job ends. A rank that finishes no
+step, evaluation or save for run.hang_timeout_s writes its stacks to RUN/stacks/ and exits 1 (watchdog.py).
+Global rank 0 holds RUN/run.lock while it trains (phileo.run_lock): a second writer is refused.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from phileo import run_lock
 from phileo.config import save_config, to_dict
 from phileo.fsutil import atomic_write_json, make_group_readable
+from phileo.run_state import update_state
 from phileo.train import dist
 from phileo.train.checkpoint import CheckpointManager, capture_rng_state, checkpoint_step, restore_rng_state
 from phileo.train.evaluate import EvaluationInterrupted, Evaluator
@@ -59,6 +63,7 @@ from phileo.train.precision import autocast, grad_scaler, resolve_precision
 from phileo.train.run_recorder import RunStateRecorder
 from phileo.train.stop import Decision, StopPolicy, steps_per_epoch
 from phileo.train.strategy import build_strategy
+from phileo.train.watchdog import HangWatchdog
 
 log = logging.getLogger("phileo.train")
 
@@ -244,17 +249,37 @@ class Trainer:
             log.info("%s is already complete (DONE at step %d): nothing to do", self.run_dir, self.step)
             return TrainResult("completed", self.step, done.get("final_loss"), self.run_dir,
                                message="already complete", stopped_early=bool(done.get("stopped_early")))
-        self._setup_run_dir(done, finished)
-        with self.metrics:
+        self._take_run_lock()
+        try:
+            self._setup_run_dir(done, finished)
+            with self.metrics:
+                try:
+                    result = self._fit(done if finished else None)
+                    return self._test(result) if result.status == "completed" and self.task.has_test else result
+                except Exception:
+                    # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
+                    log.exception("training failed on global rank %d at step %d", self.info.global_rank,
+                                  self.step + 1)
+                    raise
+                finally:
+                    self.stop.restore()
+        finally:
+            if self.info.is_main:
+                run_lock.release(self.run_dir)
+
+    def _take_run_lock(self) -> None:
+        """One writer per run folder: global rank 0 takes RUN/run.lock (phileo.run_lock) before anything is
+        written, and records the owner in state.json; every rank refuses together when a live job holds it."""
+        problem = None
+        if self.info.is_main:
             try:
-                result = self._fit(done if finished else None)
-                return self._test(result) if result.status == "completed" and self.task.has_test else result
-            except Exception:
-                # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
-                log.exception("training failed on global rank %d at step %d", self.info.global_rank, self.step + 1)
-                raise
-            finally:
-                self.stop.restore()
+                owner = run_lock.acquire(self.run_dir)
+                update_state(self.run_dir, event="lock", detail=run_lock.describe(owner), lock=owner)
+            except run_lock.RunLocked as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise run_lock.RunLocked(problem)
 
     def _fit(self, done: Mapping[str, Any] | None) -> TrainResult:
         """Set-up, resume, then the loop; `done`: the DONE marker of a run that only needs its test."""
@@ -289,16 +314,20 @@ class Trainer:
 
     def _loop(self, data_iter: Iterator, flops: float | None, peak: float | None) -> TrainResult:
         self.throughput = ThroughputWindow(self.world_batch, self.info.world_size, self.info.device, flops, peak)
-        while True:
-            out = self._train_step(data_iter)
-            if isinstance(out, TrainResult):
-                return out  # failed: nothing is saved
-            self._log_step(out)
-            decision = self.stop.after_step(self.step, out.stop_requested, self._evaluate(), train_loss=out.loss)
-            if decision.save:
-                self.save_checkpoint(self.step)
-            if decision.stop:
-                return self._stop(decision)
+        with HangWatchdog(self.run_dir, self.info.global_rank, self.cfg.run.hang_timeout_s) as watchdog:
+            while True:
+                out = self._train_step(data_iter)
+                watchdog.beat()
+                if isinstance(out, TrainResult):
+                    return out  # failed: nothing is saved
+                self._log_step(out)
+                decision = self.stop.after_step(self.step, out.stop_requested, self._evaluate(), train_loss=out.loss)
+                watchdog.beat()
+                if decision.save:
+                    self.save_checkpoint(self.step)
+                    watchdog.beat()
+                if decision.stop:
+                    return self._stop(decision)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _setup_run_dir(self, done: Mapping[str, Any] | None, finished: bool) -> None:

@@ -19,6 +19,7 @@ from phileo.train import dist
 from phileo.train.loader import _WorkerInit, to_device
 from phileo.train.precision import autocast
 from phileo.train.signals import StopFlag
+from phileo.train.watchdog import heartbeat
 
 
 class EvaluationInterrupted(Exception):
@@ -92,6 +93,7 @@ class Evaluator:
         try:
             for batch in self.loader(dataset):
                 outputs, batch = self._forward(model, batch)
+                heartbeat()  # a long validation is progress, not a hang
                 total, count = sum_and_count(outputs, batch)
                 sums += torch.tensor([float(total), float(count)], dtype=torch.float64)
         finally:
@@ -121,6 +123,7 @@ class Evaluator:
             if batch is None:
                 continue
             outputs, batch = self._forward(model, batch)
+            heartbeat()
             metric.update(outputs.float(), batch[label_key])
         metric.all_reduce()
         return metric.compute()

@@ -20,6 +20,7 @@ class FakeConfig:
     dir: str = ""
     steps: int = 20
     step_s: float = 0.25
+    fail_starts: int = 0  # the first this many starts raise (a failure that is not a preemption)
 
 
 @dataclass
@@ -40,6 +41,8 @@ def fake_train(cfg: FakeConfig) -> FakeResult:
     (run / f"start_rank{rank}_{attempt}.json").write_text(json.dumps({
         "step": step, "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "SLURM_RESTART_COUNT")}}))
+    if attempt < cfg.fail_starts:
+        raise RuntimeError(f"injected failure at start {attempt}")
     stop = {"flag": False}
 
     def handler(signum, frame):

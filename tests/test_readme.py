@@ -157,6 +157,11 @@ def _repo_paths(words: list[str]) -> list[str]:
 
 
 def _missing(path: str) -> bool:
+    if "::" in path:  # tests/test_x.py::test_name (a trailing … stands for the rest of the name)
+        file, name = path.split("::", 1)
+        prefix = name.rstrip("…").rstrip(".")
+        return _missing(file) or not re.search(rf"^def {re.escape(prefix)}\w*\(", (REPO / file).read_text(),
+                                               flags=re.M)
     return not glob.glob(str(REPO / path)) if any(c in path for c in "*?[") else not (REPO / path).exists()
 
 

@@ -248,10 +248,10 @@ def test_hidden_path_keeps_every_other_program(tmp_path):
     assert sorted(p.name for p in Path(first).iterdir()) == ["python3", "sh"]
 
 
+@pytest.mark.skipif(any(Path(m).exists() for m in ("/leonardo_work", "/leonardo_scratch")),
+                    reason="this machine has Leonardo's file systems: nothing to note")
 def test_laptop_dry_run_notes_the_sites_file_systems_instead_of_refusing(tmp_path, monkeypatch, capsys):
     """From a laptop, paths on Leonardo's file systems cannot be checked: noted, not refused; other paths are."""
-    if any(Path(m).exists() for m in ("/leonardo_work", "/leonardo_scratch")):
-        pytest.skip("this machine has Leonardo's file systems")
     monkeypatch.setenv("CINECA_SCRATCH", "/leonardo_scratch/large/userexternal/jdoe")
     code = pt_launch.main(["--site", "leonardo", "--account", "p", "--nodes", "16", "--data",
                            "/leonardo_work/P/majortom/shards", "--dry-run"])

@@ -168,7 +168,8 @@ def test_time_limit_requeue_resumes_to_the_same_step_and_loss(pretrain_runs):
     from phileo.launch.status import status
 
     events = [e["event"] for e in json.loads((run / "state.json").read_text())["events"]]
-    assert events == ["submitted", "started", "preempted", "requeued", "started", "completed"], events
+    # Each start takes the run lock first (issue 14's one-writer rule): a "lock" event before each "started".
+    assert events == ["submitted", "lock", "started", "preempted", "requeued", "lock", "started", "completed"], events
     shown = status(run)
     assert (shown["state"], shown["requeues"], shown["step"]) == ("completed", 1, STEPS)
     # --wait showed the training as it went, not just "waiting for job".

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 
 from phileo.bench.synthetic import make_bench_data
 from phileo.launch.slurm import sbatch, wait_for_job_id
-from phileo.train import checkpoint as ckpt_io
+from phileo import run_lock
 from phileo.bench.sweep import expand_sweep, task_dir, task_finished
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -43,10 +42,12 @@ def test_sweep_as_a_job_array_with_a_failed_task(tmp_path, slurm_cluster):
     specs = expand_sweep(sweep)
     assert len(specs) == 4
     out = tmp_path / "sweep"
-    # Task 3 finds a damaged checkpoint in its folder (as after a disk failure): it must fail visibly.
-    bad = ckpt_io.checkpoint_dir(task_dir(out, BROKEN), 1)
-    bad.mkdir(parents=True)
-    (bad / "model.pt").write_bytes(b"garbage")
+    # Task 3's folder is held by another live writer (a run.lock of this very process): it must fail visibly
+    # rather than train into a folder somebody else writes. (A damaged checkpoint no longer fails a task: it is
+    # set aside or ignored, and the task goes on; tests/test_train_components.py shows that.)
+    bad = task_dir(out, BROKEN) / run_lock.LOCK_FILE
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({**run_lock.this_owner(), "job_id": None}))
 
     env = {**slurm_cluster.env(), "PHILEO_SETUP": "none", "PHILEO_SWEEP": str(sweep), "PHILEO_SWEEP_DIR": str(out),
            "PHILEO_PYTHON": sys.executable, "PHILEO_REPO": str(REPO), "BENCH_DATA": str(data),
@@ -58,7 +59,7 @@ def test_sweep_as_a_job_array_with_a_failed_task(tmp_path, slurm_cluster):
     finished = [s.index for s in specs if task_finished(out, s.index)]
     assert finished == [i for i in range(4) if i != BROKEN], _logs(tmp_path)
     failure = json.loads((task_dir(out, BROKEN) / "failed.json").read_text())
-    assert "trainer state not found" in failure["error"] and failure["slurm_array_task_id"] == str(BROKEN)
+    assert "in use by" in failure["error"] and failure["slurm_array_task_id"] == str(BROKEN)
 
     collect = [sys.executable, str(REPO / "jobs" / "collect_results.py"), str(out)]
     proc = subprocess.run(collect, capture_output=True, text=True, timeout=120)
@@ -74,7 +75,7 @@ def test_sweep_as_a_job_array_with_a_failed_task(tmp_path, slurm_cluster):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
     # The fix, then the failed task re-run alone next to a finished one (which must not run again).
-    shutil.rmtree(bad)
+    bad.unlink()
     result_0 = task_dir(out, 0) / "result.json"
     stamp = result_0.stat().st_mtime_ns
     job = sbatch(SCRIPT, [f"--array=0,{BROKEN}", *common], env=env)

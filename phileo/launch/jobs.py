@@ -213,7 +213,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def run_dir(self) -> Optional[Path]:
         """The run folder this job trains in (state.json lives there); None for a kind without one."""
         if "config" in self.payload:
-            d = (self.payload["config"].get("run") or {}).get("dir")
+            cfg = self.payload["config"]
+            run = cfg.get("run")
+            d = run.get("dir") if isinstance(run, dict) else cfg.get("dir")  # a job config, or a flat one
             return Path(d) if d else None
         if "out_dir" in self.payload and "index" in self.payload:
             from phileo.bench.sweep import task_dir

@@ -38,6 +38,8 @@ T = TypeVar("T")
 class ConfigError(ValueError):
     """An invalid job configuration; the message says which key and what to do."""
 
+    retryable = False  # running the same job again cannot help (phileo.launch.failover)
+
 
 def _fields(cls_or_obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls_or_obj)}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from phileo.fsutil import atomic_write_json
-from phileo.run_state import now_iso
+from phileo.run_state import now_iso, slurm_job_id
 
 LOCK_FILE = "run.lock"
 log = logging.getLogger("phileo.train")
@@ -37,14 +37,13 @@ _ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAI
 class RunLocked(RuntimeError):
     """Another live job or process holds the run folder's lock."""
 
+    retryable = False  # a second writer is refused, not retried (phileo.launch.failover)
+
 
 def this_owner() -> dict[str, Any]:
     """The lock record of this process: SLURM job id (the array task's "123_4" when in an array), host, SLURM
     node name (several slurmd on one host share a hostname), pid, time."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id and os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return {"job_id": job_id or None, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME"),
+    return {"job_id": slurm_job_id(), "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME"),
             "pid": os.getpid(), "time": now_iso()}
 
 

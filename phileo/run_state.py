@@ -44,6 +44,14 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def slurm_job_id() -> str | None:
+    """This job's id as squeue names it: "1234_7" for array task 7, "1234" otherwise; None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def read_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The run's state.json, or None when the run has none yet (an older run, or nothing launched).
     A state file that cannot be parsed is reported as such (ValueError naming the file), never guessed."""
@@ -97,5 +105,5 @@ def record_job_id(run_dir: str | os.PathLike, job_id: str) -> None:
         update_state(run_dir, job_id=str(job_id))
 
 
-__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "read_state", "update_state", "record_pending", "record_job_id",
+__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "slurm_job_id", "read_state", "update_state", "record_pending", "record_job_id",
            "now_iso"]

@@ -20,6 +20,7 @@
 #   PHILEO_PYTHON     python with phileo importable (default: python on PATH)
 #   PHILEO_REPO       checkout put on PYTHONPATH (default: the submit folder)
 #   PHILEO_MAX_REQUEUES  requeues after the pre-timeout signal (default 3)
+#   PHILEO_MAX_FAILURES  retries of a failed task (a dead or hung rank, an exception) in a row (default 3)
 #   PHILEO_BENCH_DATA, PHILEO_WEIGHTS  read by the sweep file's ${VAR}s
 #   PHILEO_SETUP, PHILEO_CONDA, PHILEO_ENV  site set-up (slurm/site_setup.sh; PHILEO_SETUP=none off Leonardo)
 #
@@ -78,5 +79,10 @@ if [ "$status" -eq 75 ]; then
     exit 0
   fi
   echo "[$(date -Is)] preempted after $MAX_REQUEUES requeues: giving up (re-submit --array=$SLURM_ARRAY_TASK_ID to go on)" >&2
+elif [ "$status" -ne 0 ]; then
+  # A dead or hung rank, an exception: retried from the task's last good checkpoint up to PHILEO_MAX_FAILURES times
+  # in a row (phileo/launch/failover.py), then the task's state.json says "failed".
+  "$PYTHON" -m phileo.launch.failover --exit-code "$status" --max-failures "${PHILEO_MAX_FAILURES:-3}" \
+    --run-dir "$(printf '%s/tasks/%05d' "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID")" || true
 fi
 exit "$status"

@@ -26,7 +26,7 @@ def test_leonardo_16_nodes_matches_the_golden_script():
     site = load_site("leonardo")
     res = resolve_resources(site, nodes=16, account="AIFAC_P01", job_name="phileo-pretrain")
     logs = log_folder("/leonardo_scratch/large/userexternal/jdoe/phileo/runs/pretrain-16n")
-    text = render_sbatch(slurm_parameters(site, res), logs, python="@PYTHON@")
+    text = render_sbatch(slurm_parameters(site, res, folder=logs, python="@PYTHON@"), logs, python="@PYTHON@")
     expected = (GOLDEN / "leonardo_pretrain_16n.sbatch").read_text().replace("@LOGS@", str(logs))
     assert _directives(text) == _directives(expected)
     assert text.strip() == expected.strip()
@@ -126,6 +126,9 @@ def _submitted_by_submitit(tmp_path: Path, params: dict, map_count: int | None, 
     fake = bin_dir / "sbatch"
     fake.write_text(f'#!/bin/sh\ncp "$1" {shlex.quote(str(caught))}\necho "Submitted batch job 42"\n')
     fake.chmod(0o755)
+    # submitit's executor refuses to exist where no srun is found: a stand-in, so this runs without SLURM.
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     folder = tmp_path / "logs"
     ex = submitit.SlurmExecutor(folder=folder, python="@PYTHON@")
@@ -141,19 +144,23 @@ def _submitted_by_submitit(tmp_path: Path, params: dict, map_count: int | None, 
 def test_dry_run_renderer_writes_what_submitit_submits(tmp_path, monkeypatch, case):
     """render_sbatch restates submitit's (private) script format; this pins it to what submitit's public
     executor really writes, for the parameters the launchers set, so an upgrade that changes it fails here."""
+    folder = tmp_path / "logs"  # where _submitted_by_submitit's executor writes: the teardown names it
     if case == "leonardo-16n":
         site = load_site("leonardo")
-        params, n = slurm_parameters(site, resolve_resources(site, nodes=16, account="AIFAC_P01")), None
+        params, n = slurm_parameters(site, resolve_resources(site, nodes=16, account="AIFAC_P01"), folder=folder,
+                                     python="@PYTHON@"), None
     elif case == "array-hostile-extra":
         site = load_site("leonardo")
         res = resolve_resources(site, account="p", job_name="it's $(rm -rf) `x`", time="00:30:00")
         params = slurm_parameters(site, res, array_parallelism=3,
                                   extra_sbatch={"mail-type": "END,FAIL", "mail-user": "a b@x.eu", "exclusive": True},
-                                  extra_env={"NOTE": "a'b \"c\" $HOME"})
+                                  extra_env={"NOTE": "a'b \"c\" $HOME"}, folder=folder, python="@PYTHON@")
         n = 7
     else:
         site = load_site("local")
         params, n = slurm_parameters(site, resolve_resources(site, nodes=2), dependency="afterok:17",
-                                     requeue=False), None
-    submitted, folder = _submitted_by_submitit(tmp_path, params, n, monkeypatch)
+                                     requeue=False, folder=folder), None
+    submitted, submitit_folder = _submitted_by_submitit(tmp_path, params, n, monkeypatch)
+    assert submitit_folder == folder
     assert render_sbatch(params, folder, python="@PYTHON@", map_count=n) == submitted
+    assert ("phileo.launch.failover" in submitted) == (case != "local-dependency")  # jobs that may requeue

@@ -20,6 +20,11 @@ one walltime limit is survived:
    quietly: a non-zero exit would trip `srun --kill-on-bad-exit`.
 4. The requeued job runs the same callable, whose work resumes from the newest checkpoint in its run folder.
 
+A failure that is not a preemption (an exception, a rank killed by -9 or out of memory, the hang watchdog's exit)
+is retried from the last good checkpoint up to `max_failures` times in a row, then the run's state.json says
+"failed" (phileo.launch.failover: on SLURM the batch script's teardown decides after the srun step, since a killed
+rank cannot; on submitit's local executor this callable does, on an exception).
+
 After `max_requeues` requeues the job ends with status "preempted" and says how to continue. Should the signal
 arrive before the engine has installed its handler, submitit's own handler calls `checkpoint()` below, which
 applies the same bound. Only submitit's public API is used (Checkpointable, JobEnvironment, DelayedSubmission);
@@ -193,13 +198,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, kind: Union[str, JobKind], payload: Mapping[str, Any], max_requeues: int = 10,
-                 requeue_count: int = 0, max_failures: int = 3, failure_count: int = 0):
+                 requeue_count: int = 0, max_failures: int = 3):
         self.kind = job_kind(kind)
         self.payload = dict(payload)
         self.max_requeues = int(max_requeues)
         self.requeue_count = int(requeue_count)
+        # Failures are counted in the run's state.json (phileo.launch.failover), not here: on SLURM the batch
+        # script counts the ones no Python code of the job survives (kill -9, OOM, the hang watchdog).
         self.max_failures = int(max_failures)
-        self.failure_count = int(failure_count)
 
     @property
     def how_to_continue(self) -> str:
@@ -236,13 +242,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def resubmission(self) -> "TrainingJob":
         """This job as the requeued run will execute it (one more requeue counted)."""
-        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count + 1, self.max_failures,
-                           self.failure_count)
-
-    def retry(self) -> "TrainingJob":
-        """This job as it runs again after a failure (one more failure counted)."""
-        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count, self.max_failures,
-                           self.failure_count + 1)
+        return TrainingJob(self.kind, self.payload, self.max_requeues, self.requeue_count + 1, self.max_failures)
 
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
@@ -251,10 +251,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         try:
             result = self.kind.call(self.payload)
         except Exception as e:
-            from phileo.run_lock import RunLocked
-
-            if self.kind.requeue and not isinstance(e, RunLocked):  # a second writer is refused, not retried
-                self._retry_or_fail(env, e)
+            if self.kind.requeue:
+                self._on_failure(env, e)
             raise
         if self.kind.requeue and getattr(result, "status", None) == PREEMPTED:
             self._requeue_or_stop(env, result)
@@ -291,32 +289,29 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # No result pickle for this run: the job is not over. SystemExit passes submitit's `except Exception`.
         raise SystemExit(exit_codes.PREEMPTED)
 
-    def _retry_or_fail(self, env: Any, error: BaseException) -> None:
-        """A failure that is not a preemption (an exception on this rank): requeue from the last good checkpoint
-        while failures are left (--max-failures), else record the final state "failed" with a one-line reason in
-        the run's state.json. Returns to let the exception end this process when there is no retry."""
-        from phileo.run_state import update_state
+    def _on_failure(self, env: Any, error: BaseException) -> None:
+        """An exception ends this rank (phileo.launch.failover has the rules). One that a retry cannot help
+        (`retryable = False`: a bad config, a corrupt chunk) is recorded as final in state.json by global rank 0,
+        except a refusal by another live writer's run.lock, which writes nothing into that run. Anything else is
+        retried from the last good checkpoint: on SLURM by the batch script after the step (so that it is
+        counted once, and the same way as a rank killed by -9), locally here, by global rank 0."""
+        from phileo.launch import failover
+        from phileo.run_lock import RunLocked
 
-        reason = (f"{type(error).__name__}: {error}".splitlines() or ["?"])[0][:300]
         run_dir = self.run_dir
-        if self.failure_count < self.max_failures:
-            if run_dir is not None:
-                update_state(run_dir, "requeued", event="failure", detail=reason, reason=reason,
-                             failures=self.failure_count + 1, max_failures=self.max_failures)
-            print(f"[phileo.launch] job {env.job_id} failed ({reason}); retrying from the last good checkpoint "
-                  f"({self.failure_count + 1}/{self.max_failures} failures)", file=sys.stderr, flush=True)
-            save_resubmission(env.paths.submitted_pickle, self.retry())
-            try:
-                request_requeue(env.cluster, env.job_id)
-            except RequeueRefused as e:
-                print(f"[phileo.launch] job {env.job_id}: retry refused ({e})", file=sys.stderr, flush=True)
-            else:
-                raise SystemExit(exit_codes.FAILED)
-        if run_dir is not None:
-            update_state(run_dir, "failed", event="failed", detail=reason, failures=self.failure_count + 1,
-                         max_failures=self.max_failures,
-                         reason=f"failed {self.failure_count + 1} time(s), max_failures={self.max_failures}: "
-                                f"{reason}")
+        if env.global_rank != 0 or run_dir is None or not run_dir.is_dir():
+            return
+        if not failover.is_retryable(error):
+            if not isinstance(error, RunLocked):
+                failover.record_final(run_dir, error)
+            return
+        if env.cluster == "slurm":
+            return
+        decision = failover.handle_failure(run_dir, exit_codes.FAILED, self.max_failures, failover.one_line(error),
+                                           requeue=lambda: request_requeue(env.cluster, env.job_id))
+        if decision.action == "final":
+            print(f"[phileo.launch] job {env.job_id} failed and is not retried: {decision.reason}",
+                  file=sys.stderr, flush=True)
 
     def __repr__(self) -> str:
         what = f", argv={self.payload.get('argv')!r}" if "argv" in self.payload else ""

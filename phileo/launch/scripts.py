@@ -14,6 +14,8 @@ What the generated job does, and why:
 - `#SBATCH --signal=USR2@<s>` (no `B:`): the pre-timeout signal goes to every task, where the training loop
   turns it into a checkpoint at the next step boundary; `--requeue` lets the job put itself back in the queue.
 - `--output/--error` in `<run_dir>/logs/`: the job's stdout/stderr stay with the run.
+- the teardown after srun (`failover_lines`): a failed step is retried from the last good checkpoint up to
+  --max-failures times in a row, then the run is marked failed (phileo.launch.failover).
 """
 
 from __future__ import annotations
@@ -70,14 +72,32 @@ def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -
     return lines
 
 
+def failover_lines(folder: str | os.PathLike, python: Optional[str] = None) -> list[str]:
+    """The batch script's teardown: srun's exit status goes to phileo.launch.failover, which retries a failed step
+    (a rank killed by -9 or out of memory, the hang watchdog's exit, an exception) from the last good checkpoint
+    or records the run as failed; the script then ends with srun's status. `$?` is still srun's here: only blank
+    and comment lines stand between the srun line and the first line of the teardown."""
+    python = shlex.quote(sys.executable) if python is None else python
+    return ['phileo_status=$?',
+            '# A failed step is retried from the last good checkpoint, or the run is marked failed (--max-failures)',
+            'if [ "$phileo_status" -ne 0 ]; then',
+            f'  {python} -m phileo.launch.failover --exit-code "$phileo_status" --submitit-folder '
+            f'{shlex.quote(str(folder))}',
+            'fi',
+            'exit "$phileo_status"']
+
+
 def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optional[dict[str, str]] = None,
                      array_parallelism: Optional[int] = None, dependency: Optional[str] = None,
-                     requeue: bool = True, extra_sbatch: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                     requeue: bool = True, extra_sbatch: Optional[dict[str, Any]] = None,
+                     folder: Optional[str | os.PathLike] = None, python: Optional[str] = None) -> dict[str, Any]:
     """Parameters for submitit's SlurmExecutor (its own names), from a resolved request.
 
     Returns a dict for `SlurmExecutor.update_parameters`; values that are None are left out so SLURM's own
     defaults apply. `dependency` is SLURM syntax (e.g. "afterok:123"). `extra_sbatch` ({"mail-type": "END",
-    "exclusive": True}) adds options (--sbatch); submitit shell-quotes their values like every other.
+    "exclusive": True}) adds options (--sbatch); submitit shell-quotes their values like every other. With the
+    submitit `folder` (and the `python` the job runs with) a job that may requeue gets the failover teardown
+    (failover_lines), as every training job the launchers submit does.
     """
     params: dict[str, Any] = {
         "job_name": res.job_name,
@@ -97,6 +117,7 @@ def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optiona
         # submitit writes --wckey=submitit by default; sites that track WCKeys would charge it to that name.
         "wckey": None,
         "additional_parameters": {"requeue": True} if requeue else {},
+        "teardown": failover_lines(folder, python) if folder is not None and requeue else None,
     }
     if dependency:
         # Without it a job whose dependency failed stays pending forever ("DependencyNeverSatisfied").

@@ -16,7 +16,7 @@ import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from phileo.config import ConfigError
 from phileo.fsutil import atomic_write_json, make_group_readable, read_json
@@ -129,7 +129,8 @@ def make_plan(cluster: str, site: SiteProfile, res: JobResources, folder: Path, 
     params = None
     if cluster == "slurm":
         params = slurm_parameters(site, res, extra_env=extra_env, array_parallelism=array_parallelism,
-                                  dependency=dependency, requeue=requeue, extra_sbatch=extra_sbatch)
+                                  dependency=dependency, requeue=requeue, extra_sbatch=extra_sbatch,
+                                  folder=folder, python=python)
     return Plan(cluster, site, res, Path(folder), params, extra_env, python)
 
 
@@ -217,18 +218,34 @@ _CAUSES = ("No space left on device", "Timeout (", "RunLocked", "CUDA out of mem
            "OutOfMemory", "oom-kill", "Killed", "CANCELLED", "Traceback (most recent call last)")
 
 
-def rank_log_cause(log_dir: Path, max_lines: int = 3) -> Optional[str]:
+# The first log line of every start of a job (a requeued job appends to the same log files): submitit's, and the
+# one slurm/pretrain.sbatch and slurm/finetune_array.sh print.
+START_MARKERS = ("Starting with JobEnvironment", "(restart ")
+
+
+def rank_log_cause(log_dir: Path, max_lines: int = 3, job_id: Optional[str] = None) -> Optional[str]:
     """The lines of the job's rank logs (every file under `log_dir`, read whole, not a tail) that say why it
-    ended: a full disk, the hang watchdog's "Timeout", an OOM, a kill, else the last exception line. None when
-    nothing telling is found."""
+    ended: a full disk, the hang watchdog's "Timeout", an OOM, a kill, else the last exception line. With
+    `job_id`, only that job's files ("<job_id>_<rank>_log.*", or the plain scripts' "<job_id>.out") and in each
+    only what its last start wrote (after the last START_MARKERS line), so an earlier start's cause is not
+    reported again. None when nothing telling is found."""
+    files = sorted(Path(log_dir).glob(f"{job_id}[._]*" if job_id else "**/*"))
+    return log_cause(files, max_lines, last_start_only=job_id is not None)
+
+
+def log_cause(files: Iterable[Path], max_lines: int = 3, last_start_only: bool = False) -> Optional[str]:
+    """rank_log_cause over given log files (.out .err .txt .log)."""
     hits: list[tuple[int, str]] = []
-    for f in sorted(Path(log_dir).glob("**/*")):
+    for f in files:
         if not f.is_file() or f.suffix not in (".out", ".err", ".txt", ".log"):
             continue
         try:
             lines = f.read_text(errors="replace").splitlines()
         except OSError:
             continue
+        if last_start_only:
+            starts = [i for i, line in enumerate(lines) if any(m in line for m in START_MARKERS)]
+            lines = lines[starts[-1]:] if starts else lines
         for i, line in enumerate(lines):
             for rank, pattern in enumerate(_CAUSES):
                 if pattern in line:

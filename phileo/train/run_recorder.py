@@ -16,19 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phileo.run_state import now_iso, read_state, update_state
+from phileo.run_state import now_iso, read_state, slurm_job_id, update_state
 
 log = logging.getLogger("phileo.train")
 
 PROGRESS_EVERY_S = 15.0  # state.json is rewritten at most this often between checkpoints (metrics.jsonl has every step)
-
-
-def slurm_job_id() -> str | None:
-    """This job's id as squeue names it: "1234_7" for array task 7, "1234" otherwise; None outside SLURM."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class RunStateRecorder:
@@ -85,4 +77,4 @@ class RunStateRecorder:
                     reason=reason or None)
 
 
-__all__ = ["RunStateRecorder", "slurm_job_id", "PROGRESS_EVERY_S"]
+__all__ = ["RunStateRecorder", "PROGRESS_EVERY_S"]

@@ -25,7 +25,7 @@ from phileo.launch.slurm import CLIENT_TOOLS
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
-CLUSTER_NODES = int(os.environ.get("PHILEO_TEST_NODES", "4"))
+CLUSTER_NODES = int(os.environ.get("PHILEO_TEST_NODES", "8"))
 
 # Keep every test process to one math thread: the CI machine has two cores and tests run side by side with
 # SLURM daemons and worker processes.
@@ -74,7 +74,8 @@ def _controller_alive(cluster_dir: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The dev SLURM cluster (PHILEO_TEST_NODES nodes, default 4), SLURM_CONF exported for the session."""
+    """The dev SLURM cluster (PHILEO_TEST_NODES nodes, default 8: the 8-node job of test_fault_cluster.py), SLURM_CONF
+    exported for the session."""
     reason = _cluster_unavailable_reason()
     if reason:
         if _require_slurm():

@@ -120,6 +120,10 @@ def test_the_cause_is_read_from_this_start_only(tmp_path):
         "srun: error: node2: task 1: Killed\n")
     (logs / "123_0_log.err").write_text("MemoryError\n")  # another job whose id starts alike
     assert rank_log_cause(logs, job_id="12") == "12_0_log.err: srun: error: node2: task 1: Killed"
+    # srun --kill-on-bad-exit cancelling the step is a consequence; the exception that failed a rank is the cause.
+    (logs / "14.out").write_text("Traceback (most recent call last):\n  File x\nFileNotFoundError: no manifest\n"
+                                 "slurmstepd-node1: error: *** STEP 14.0 ON node1 CANCELLED AT 2026-12-04 ***\n")
+    assert rank_log_cause(logs, job_id="14") == "14.out: FileNotFoundError: no manifest"
     # The watchdog's stacks count only when written during this start.
     run = tmp_path / "run"
     (run / "stacks").mkdir(parents=True)

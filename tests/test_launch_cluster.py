@@ -367,3 +367,27 @@ def test_sweep_as_job_arrays_split_at_max_array_size(tmp_path):
     # Submitting again finds nothing left to do.
     again = _launch("launch_sweep.py", str(sweep), "--site", "local", "--cluster", "slurm", "--out", str(out))
     assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
+def test_plain_pretrain_sbatch_retries_a_failed_step_then_marks_the_run_failed(tmp_path):
+    """slurm/pretrain.sbatch calls the same failover as the generated jobs: a step that fails (here the data is
+    not there yet: FileNotFoundError on both ranks) is requeued once with MAX_FAILURES=1, fails again, and
+    state.json then says failed with the cause; the job is not requeued a second time."""
+    run = tmp_path / "plain failing run"
+    (run / "logs").mkdir(parents=True)
+    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", "MAX_FAILURES": "1"}
+    args = ["--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
+            "--mem=0", "--time=10", f"--output={run}/logs/%j.out", f"--chdir={REPO}"]
+    overrides = ["model.name=phileo_cnn_tiny", f"data.root={tmp_path / 'not converted yet'}", "train.steps=4"]
+    out = subprocess.run(["sbatch", "--parsable", *args, str(REPO / "slurm" / "pretrain.sbatch"), *overrides],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    wait_for_job_id(job_id, timeout_s=300, poll_s=2)
+    log = (run / "logs" / f"{job_id}.out").read_text()
+    assert "(restart 1)" in log and "(restart 2)" not in log, log[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "failed" and state["failures"] == 2, state
+    assert [e["event"] for e in state["events"]].count("failure") == 1
+    assert "FileNotFoundError" in state["reason"] and "not converted yet" in state["reason"], state["reason"]
+    assert state["reason"].startswith("failed 2 time(s) in a row without a new checkpoint (max_failures=1)")

@@ -213,9 +213,11 @@ def prepare_run_dir(run_dir: Path) -> None:
         make_group_readable(d, directory=True)
 
 
-# What a rank's log says when a job ended without a result, most telling first.
+# What a rank's log says when a job ended without a result, most telling first. SLURM's "*** JOB 12 ... CANCELLED /
+# DUE TO TIME LIMIT ***" ends the whole job; a "*** STEP 12.0 ... CANCELLED ***" line is only srun
+# --kill-on-bad-exit ending the other ranks after the one that failed, so it is no cause.
 _CAUSES = ("No space left on device", "Timeout (", "RunLocked", "CUDA out of memory", "MemoryError",
-           "OutOfMemory", "oom-kill", "Killed", "CANCELLED", "Traceback (most recent call last)")
+           "OutOfMemory", "oom-kill", "Killed", "*** JOB ", "Traceback (most recent call last)")
 
 
 # The first log line of every start of a job (a requeued job appends to the same log files): submitit's, and the

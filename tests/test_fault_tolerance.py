@@ -89,6 +89,15 @@ def test_a_second_trainer_into_a_live_run_is_refused_before_writing_anything(tmp
 
 
 # ---------------------------------------------------------------------------------------- hang watchdog
+def test_the_watchdog_must_fire_before_the_process_group_timeout(tmp_path):
+    from phileo.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="run.hang_timeout_s=900 must be shorter than train.dist_timeout_s=900"):
+        validate(toy_config(tmp_path, "run.hang_timeout_s=900"))
+    validate(toy_config(tmp_path, "run.hang_timeout_s=899"))
+    validate(toy_config(tmp_path, "run.hang_timeout_s=0", "train.dist_timeout_s=10"))  # 0: no watchdog
+
+
 class SlowTask(ToyTask):
     """Each step sleeps, so a test can stop a rank mid-run."""
 

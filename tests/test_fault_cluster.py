@@ -222,3 +222,39 @@ def test_eight_node_job_starts_trains_and_survives_a_requeue(tmp_path, slurm_clu
     start_s = dt.datetime.fromisoformat(started).timestamp()
     print(f"\n8-node job: launch to first step {first_step - t_launch:.1f} s (queue and start "
           f"{start_s - t_launch:.0f} s, job start to first step {first_step - start_s:.0f} s)")
+
+
+def test_two_launches_into_one_run_folder_at_once_train_it_once(tmp_path):
+    """Both launches pass preflight (no job holds the folder yet) and both jobs start; the run lock lets one
+    train, the other is refused at its start naming the holder, is not retried, and writes nothing into the run:
+    one log, every step logged once."""
+    from phileo.data.synthetic import make_pretrain_shards
+
+    shards = make_pretrain_shards(tmp_path / "data", n_cells=8, nodes=1)
+    run = tmp_path / "shared run"
+    cmd = [PY, str(REPO / "jobs" / "launch_pretrain.py"), "--site", "local", "--cluster", "slurm", "--model",
+           "phileo_cnn_tiny", "--steps", "30", "--batch-size", "2", "--time", "10", "--nodes", "1",
+           "--gpus-per-node", "1", "--data", str(shards), "--run-dir", str(run), "optim.warmup_steps=2",
+           "run.log_every_steps=1", "run.image_every_steps=0", "checkpoint.every_steps=10", "data.num_workers=0",
+           # Neither job may start before both launchers have passed preflight: then both start together.
+           "--sbatch", "begin=now+15"]
+    launchers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), outs
+    job_ids = [re.search(r"submitted slurm job (\d+)", o).group(1) for o, _ in outs]
+    for job_id in job_ids:
+        wait_for_job_id(job_id, timeout_s=400, poll_s=2)
+    results = {j: _result(run, j) for j in job_ids if (run / "logs" / f"{j}_0_result.pkl").exists()}
+    done = [j for j, (state, r) in results.items() if state == "success"]
+    refused = [j for j, (state, r) in results.items() if state == "error"]
+    assert len(done) == 1 and len(refused) == 1, results
+    assert results[done[0]][1].status == "completed" and results[done[0]][1].step == 30
+    trace = results[refused[0]][1]
+    assert "RunLocked" in trace and f"in use by SLURM job {done[0]}" in trace, trace
+    record = json.loads((run / "state.json").read_text())
+    events = [e["event"] for e in record["events"]]
+    assert record["state"] == "completed" and "failure" not in events and events.count("started") == 1, events
+    assert "was refused" in (run / "logs" / f"{refused[0]}_0_log.err").read_text()  # the teardown: not retried
+    lines = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, 31))  # one writer: each step once, in order
+    assert (run / "log.txt").read_text().count("training complete") == 1

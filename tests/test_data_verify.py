@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_flipped_pixel_bytes_stop_the_run_before_its_first_step(shards, tmp_path
         fit(pretrain_config(run, shards))
     msg = str(err.value)
     assert err.value.paths == (bad.path,)
+    assert pickle.loads(pickle.dumps(err.value)).paths == (bad.path,)  # crosses processes whole
     assert str(m.chunk_path(bad)) in msg and "checksum differs" in msg and "training stopped" in msg
     for cell in grid_cells(m.chunk_path(bad)):  # the file's metadata still reads: its cells are named
         assert cell in msg

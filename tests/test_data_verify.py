@@ -221,10 +221,26 @@ def test_a_truncated_chunk_is_caught_by_the_size_check(shards, monkeypatch):
     assert where.startswith("planned") and len(plan_cells) == c.n_cells and plan_cells[0] in str(err)
 
 
-def test_a_missing_chunk_and_standalone_verification(shards):
+def test_a_missing_or_unreadable_chunk_and_standalone_verification(shards, monkeypatch):
+    import errno
+
+    from phileo.data import manifest as manifest_mod
+
     m = load_manifest(shards)
     m.chunk_path(m.chunks[3]).unlink()
     assert integrity.find_bad_chunks(m, threads=1) == {3: "missing"}
+    # A read error is reported like any problem (every rank must reach the exchange), not raised on one rank.
+    real = manifest_mod.checksum_matches
+
+    def eio(path, checksum):
+        if path == m.chunk_path(m.chunks[0]):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, checksum)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(manifest_mod, "checksum_matches", eio)
+        assert integrity.find_bad_chunks(m) == {0: "unreadable (OSError: [Errno 5] Input/output error)",
+                                                3: "missing"}
     assert integrity.find_bad_chunks(m, m.chunks[:3]) == {}
     # PretrainDataset on its own verifies its node's chunks when asked (the trainer does it for a job).
     node = next(n for n in range(2) if 3 in {c.index for c in m.assign(2)[n]})

@@ -4,8 +4,8 @@
     ... --plan-only | --array [--num-tasks N] | --task-index i --num-tasks N | --merge | --verify
 
 One SLURM array task per disjoint slice of the chunks (`--array`), then one `--merge`; see README.md,
-"Preprocessing MajorTOM". Exit status: 0 done, 1 a bad chunk (--verify: size or checksum), 2 bad input (the message
-says which flag or file and what to do).
+"Preprocessing MajorTOM". Exit status: 0 done, 1 a bad chunk (--verify: size or checksum), 2 bad input (the
+message says which flag or file and what to do).
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def _verify(out: Path) -> int:
         print(f"all {len(m.chunks)} chunk checksums match ({gb:.2f} GB in {seconds:.1f} s, "
               f"{gb / max(seconds, 1e-9):.2f} GB/s)")
         return 0
+    chunks = [c for c in m.chunks if c.index in bad]
     print(f"{len(bad)} of {len(m.chunks)} chunk file(s) differ from {out / MANIFEST_NAME}:\n"
-          f"{describe_bad_chunks(m, bad)}\n{repair_text(m, [c for c in m.chunks if c.index in bad], verify_hint=False)}")
+          f"{describe_bad_chunks(m, bad)}\n{repair_text(m, chunks, verify_hint=False)}")
     return 1
 
 

@@ -14,9 +14,9 @@ filter error that names neither the file nor the cell. So:
   cell and the same fix;
 - `python preprocess/majortom_to_h5.py --verify --out OUT` prints `describe_bad_chunks` and `repair_commands`.
 
-Cost: verification reads every byte once. crc32 runs at ~2-3.5 GB/s per thread, and zlib and file reads release
-the GIL, so `find_bad_chunks` checks files on VERIFY_THREADS threads; see benchmarks/README.md ("Chunk
-verification") for the measured rate and what it means for a real set.
+Cost: verification reads every byte once. crc32 runs at ~3 GB/s per core, and zlib and file reads release the
+GIL, so `find_bad_chunks` checks files on VERIFY_THREADS threads and keeps up with a plain read of the files;
+benchmarks/README.md ("Chunk verification") has the figures and what they mean for a real set.
 """
 
 from __future__ import annotations

@@ -152,18 +152,20 @@ def assign_chunks(manifest_or_chunks: Manifest | Sequence[T], num_nodes: int) ->
 
 def chunk_problem(manifest: Manifest, chunk: ChunkInfo) -> str | None:
     """What is wrong with one chunk file against its manifest entry, or None when it matches: missing, another
-    size (checked first: one stat, and it names a truncated file as such), or another whole-file checksum
-    (computed with the algorithm the entry names)."""
+    size (checked first: one stat, and it names a truncated file as such), another whole-file checksum
+    (computed with the algorithm the entry names), or unreadable (an OSError while reading it)."""
     path = manifest.chunk_path(chunk)
     try:
         size = path.stat().st_size
+        if size != chunk.bytes:
+            return (f"{size} bytes, the manifest says {chunk.bytes} ("
+                    + ("truncated" if size < chunk.bytes else "replaced or appended to") + ")")
+        if not checksum_matches(path, chunk.checksum):
+            return f"checksum differs from the manifest's {chunk.checksum} (same size: bytes changed in place)"
     except FileNotFoundError:
         return "missing"
-    if size != chunk.bytes:
-        return (f"{size} bytes, the manifest says {chunk.bytes} ("
-                + ("truncated" if size < chunk.bytes else "replaced or appended to") + ")")
-    if not checksum_matches(path, chunk.checksum):
-        return f"checksum differs from the manifest's {chunk.checksum} (same size: bytes changed in place)"
+    except OSError as e:  # a problem to report like the others (the ranks exchange them), not one rank's crash
+        return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 

@@ -109,9 +109,9 @@ class Task:
     """What a job trains: subclass and override. The Trainer owns everything else.
 
     Required: build_model(), train_dataset(info) (called first), compute_loss(outputs, batch).
-    Optional hooks (defaults shown in the methods): prepare_data() (before train_dataset), forward(), evaluate(),
-    should_stop(), test(), on_complete(),
-    images(), train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint).
+    Optional hooks (defaults shown in the methods): prepare_data() (just before train_dataset), forward(),
+    evaluate(), should_stop(), test(), on_complete(), images(), train_flops_per_sample(), hparams(),
+    state_dict()/load_state_dict() (saved in every checkpoint).
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
     or "node" (the dataset already is this node's share; the node's local ranks split it).
     `has_test`: the task has a final test (test() and on_complete() run once the run is complete).

@@ -3,7 +3,7 @@
 
 Each benchmark measures its subject side by side with its baseline in one process and prints ratios; this
 script only runs them one after another (never in parallel: they would disturb each other's timings).
-Pass --only preprocess|models|engine|status to run one.
+Pass --only preprocess|models|engine|status|verify to run one.
 """
 
 import argparse
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "models": ["models.py", "--threads", "1", "--steps", "5"],
     "engine": ["engine.py"],
     "status": ["status.py"],
+    "verify": ["verify.py", "--copies", "16", "--repeats", "3", "--startups", "5"],
 }
 
 

@@ -11,6 +11,8 @@ checks from chunk_format, and the reader imports no part of the writer.
     phileo.data.merge                   the array tasks' part manifests → OUT/manifest.json
     phileo.data.cli                     the converter's command line (preprocess/majortom_to_h5.py)
     load_manifest, assign_chunks        the manifest, and which node reads which chunk
+    phileo.data.integrity               chunk files vs the manifest: verification, BadChunkError / ChunkReadError
+                                        messages, the commands that repair a chunk
     PretrainDataset                     training patches of one node's chunks (imports torch on first use)
 """
 

@@ -49,7 +49,10 @@ What is checked, and where:
     the stored bands, each chunk's cell count           PretrainDataset (a file replaced after the merge)
     each chunk's size against its task's record          merge
     plan_fingerprint and chunk_index of a finished chunk   the converter, before it reuses the chunk
-    whole-file checksums (crc32; sha256 in older sets)   phileo.data.manifest.verify_chunks (--verify)
+    each chunk's size and whole-file checksum            phileo.data.integrity: at every training start, spread
+      (crc32; sha256 in older sets) against the manifest   over the job's ranks (data.verify_chunks, BadChunkError,
+                                                         data.on_bad_chunk), and by --verify
+    every read of a cell (an HDF5 or filter error)       PretrainDataset (ChunkReadError, naming file and cell)
 
 A patch is servable when at most max_patch_nodata of its pixels are no-data; `valid_offsets_map` derives
 that from nodata_count_20m for any (even) patch size, so the reader and the writer apply the same rule.
@@ -211,6 +214,34 @@ def checksum_matches(path: str | os.PathLike, checksum: str) -> bool:
         return file_checksum(path, algorithm) == checksum
     except ValueError:
         return False
+
+
+class BadChunkError(ValueError):
+    """A chunk file is not what the manifest says (missing, another size, another checksum): its data cannot be
+    trusted, and retrying the job cannot help. The message names each chunk file, the cells it holds and how to
+    repair the set (phileo.data.integrity.bad_chunk_error writes it); `paths` are the chunks' paths as the
+    manifest records them."""
+
+    def __init__(self, message: str, paths: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.paths = tuple(paths)
+
+    def __reduce__(self):  # keeps `paths` across processes (DataLoader workers, object collectives)
+        return type(self), (str(self), self.paths)
+
+
+class ChunkReadError(OSError):
+    """HDF5 could not read a cell of a chunk file (a filter failure, a truncated or unreadable file) although
+    the file may have verified: an I/O fault that a retry may cure, or damage since the verification. The
+    message names the chunk file, the cell (grid_cell and its row), the original error and the fix
+    (phileo.data.integrity.chunk_read_error writes it); `path` is the chunk file."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return type(self), (str(self), self.path)
 
 
 # ------------------------------------------------------------------ no-data counts and patch validity

@@ -4,21 +4,23 @@
     ... --plan-only | --array [--num-tasks N] | --task-index i --num-tasks N | --merge | --verify
 
 One SLURM array task per disjoint slice of the chunks (`--array`), then one `--merge`; see README.md,
-"Preprocessing MajorTOM". Exit status: 0 done, 1 a checksum mismatch (--verify), 2 bad input (the message
-says which flag or file and what to do).
+"Preprocessing MajorTOM". Exit status: 0 done, 1 a bad chunk (--verify: size or checksum), 2 bad input (the
+message says which flag or file and what to do).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from phileo.data.chunk_format import COMPRESSIONS, MANIFEST_NAME, PARTS_DIR, PLAN_JSON, part_name
 from phileo.data.convert import convert_task
 from phileo.data.majortom import PHILEO_BANDS
-from phileo.data.manifest import verify_chunks
+from phileo.data.integrity import describe_bad_chunks, find_bad_chunks, repair_text
+from phileo.data.manifest import load_manifest
 from phileo.data.merge import merge
 from phileo.data.plan import CHUNKS_PER_NODE_TARGET, DEFAULT_CELLS_PER_CHUNK, ConvertConfig, load_or_make_plan
 
@@ -80,7 +82,9 @@ def build_parser():
     g.add_argument("--plan-only", action="store_true",
                    help="list and chunk the cells (OUT/plan.json), convert nothing: run once before a large "
                         "array so the tasks do not all list the source")
-    g.add_argument("--verify", action="store_true", help="re-hash the chunks of OUT/manifest.json and exit")
+    g.add_argument("--verify", action="store_true",
+                   help="check every chunk of OUT/manifest.json (size, checksum) and exit; names each bad chunk, "
+                        "its cells and the commands that re-convert it (exit 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -140,15 +144,31 @@ def _summary(doc: dict[str, Any]) -> str:
             f"{c['duplicates']}, rejected {c['rejected']}, skipped {c['skipped']}")
 
 
+def _verify(out: Path) -> int:
+    """--verify: every chunk of OUT/manifest.json against its size and checksum, on VERIFY_THREADS threads;
+    prints the rate, or each bad chunk with its cells and the commands that re-convert it. 0 all match, 1 not."""
+    m = load_manifest(out)
+    t0 = time.perf_counter()
+    bad = find_bad_chunks(m)
+    seconds = time.perf_counter() - t0
+    gb = sum(c.bytes for c in m.chunks) / 1e9
+    if not bad:
+        print(f"all {len(m.chunks)} chunk checksums match ({gb:.2f} GB in {seconds:.1f} s, "
+              f"{gb / max(seconds, 1e-9):.2f} GB/s)")
+        return 0
+    chunks = [c for c in m.chunks if c.index in bad]
+    print(f"{len(bad)} of {len(m.chunks)} chunk file(s) differ from {out / MANIFEST_NAME}:\n"
+          f"{describe_bad_chunks(m, bad)}\n{repair_text(m, chunks, verify_hint=False)}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI of preprocess/majortom_to_h5.py; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.verify:
-            bad = verify_chunks(args.out)
-            print("all chunk checksums match" if not bad else f"checksum mismatch: {', '.join(bad)}")
-            return 1 if bad else 0
+            return _verify(args.out)
         if args.merge:
             doc = merge(args.out, nodes=args.nodes)
             print(_summary(doc) + f" -> {args.out / MANIFEST_NAME}")

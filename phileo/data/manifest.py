@@ -150,11 +150,31 @@ def assign_chunks(manifest_or_chunks: Manifest | Sequence[T], num_nodes: int) ->
     return [[chunks[i] for i in sorted(idx)] for idx in nodes]
 
 
+def chunk_problem(manifest: Manifest, chunk: ChunkInfo) -> str | None:
+    """What is wrong with one chunk file against its manifest entry, or None when it matches: missing, another
+    size (checked first: one stat, and it names a truncated file as such), another whole-file checksum
+    (computed with the algorithm the entry names), or unreadable (an OSError while reading it)."""
+    path = manifest.chunk_path(chunk)
+    try:
+        size = path.stat().st_size
+        if size != chunk.bytes:
+            return (f"{size} bytes, the manifest says {chunk.bytes} ("
+                    + ("truncated" if size < chunk.bytes else "replaced or appended to") + ")")
+        if not checksum_matches(path, chunk.checksum):
+            return f"checksum differs from the manifest's {chunk.checksum} (same size: bytes changed in place)"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:  # a problem to report like the others (the ranks exchange them), not one rank's crash
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def verify_chunks(root: str | os.PathLike) -> list[str]:
-    """Re-checksums every chunk listed in root/manifest.json (with the algorithm its checksum names); returns
-    the paths whose checksum differs (empty: OK)."""
+    """Checks every chunk listed in root/manifest.json (`chunk_problem`: size, then checksum); returns the paths
+    of the chunks that differ (empty: OK). phileo.data.integrity.find_bad_chunks does the same on threads and
+    says what differs."""
     m = load_manifest(root)
-    return [c.path for c in m.chunks if not checksum_matches(m.chunk_path(c), c.checksum)]
+    return [c.path for c in m.chunks if chunk_problem(m, c) is not None]
 
 
 def stats_from_histogram(histogram: np.ndarray, bands: Sequence[str],

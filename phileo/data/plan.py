@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,30 @@ class ConvertConfig:
                 "sample_seed": self.sample_seed, "cells_per_chunk": self.cells_per_chunk,
                 "compression": self.compression}
 
+
+# The converter's flag of each content argument a resumed conversion must repeat (phileo.data.cli). source, the
+# auxiliary rasters and cells_per_chunk are not here: given --out alone, the plan supplies them itself.
+_CONTENT_FLAGS = {"layout": "--layout", "bands": "--bands", "patch_size": "--patch-size",
+                  "max_patch_nodata": "--max-patch-nodata", "max_cell_nodata": "--max-cell-nodata",
+                  "max_cloud_cover": "--max-cloud-cover", "limit": "--limit", "sample": "--sample",
+                  "sample_seed": "--sample-seed", "compression": "--compression"}
+
+
+def content_flags(config: dict[str, Any]) -> list[str]:
+    """The converter flags that, with `--out OUT` and no --source, resume the conversion whose plan config
+    (`Plan.config`, a manifest's `config`) is `config`: each content argument that differs from its default.
+    A command with other values would be refused by load_or_make_plan."""
+    defaults = {f.name: f.default for f in fields(ConvertConfig)}
+    flags: list[str] = []
+    if config.get("use_metadata") is False:
+        flags.append("--no-metadata")
+    for key, flag in _CONTENT_FLAGS.items():
+        value, default = config.get(key, defaults[key]), defaults[key]
+        if key == "bands":
+            value, default = ",".join(value), ",".join(default)
+        if value != default:
+            flags += [flag, str(value)]
+    return flags
 
 
 # The columns of plan.parquet: one row per planned cell.

@@ -14,13 +14,13 @@ import os
 import resource
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from phileo.data import aux_targets, geo
+from phileo.data import aux_targets, geo, integrity
 from phileo.data import chunk_format as fmt
-from phileo.data.chunk_format import grid_offsets, valid_offsets_map
+from phileo.data.chunk_format import ChunkReadError, grid_offsets, valid_offsets_map
 from phileo.data.majortom import BANDS_10M, BANDS_20M, CELL_SIZE_PX, PHILEO_BANDS
 from phileo.data.manifest import ChunkInfo, Manifest, assign_chunks, load_manifest
 from phileo.fsutil import open_h5_read
@@ -82,10 +82,19 @@ class PretrainDataset(_Base):
     h5py files are opened lazily in whichever process reads (DataLoader workers included), at most
     `max_open_files` at a time, and closed by `close()`. Refuses: a missing/invalid manifest, node_rank out
     of range, more nodes than chunks, a set converted without the 10 PhilEO bands, an odd patch size.
+
+    Damaged chunks: `exclude_chunks` (chunk indices, e.g. those the trainer's start-up verification found bad)
+    are left out of this node's share, which is still `assign_chunks` of the full list, so other nodes' shares
+    do not move (`excluded_chunks` lists this node's); refused when that leaves the node nothing. `verify=True`
+    first checks this node's chunks against the manifest (size, checksum) and raises BadChunkError naming the
+    bad ones (the trainer does this instead, spread over all ranks: phileo.train.pretrain). An HDF5 error while
+    reading a cell, here or in __getitem__, is raised as ChunkReadError naming the chunk file, the cell and
+    the fix.
     """
 
     def __init__(self, root: str | os.PathLike, node_rank: int = 0, num_nodes: int = 1, patch_size: int = 128,
-                 random_crop: bool = True, seed: int = 0, *, max_open_files: int | None = None):
+                 random_crop: bool = True, seed: int = 0, *, max_open_files: int | None = None,
+                 exclude_chunks: Iterable[int] = (), verify: bool = False):
         import hdf5plugin  # noqa: F401  (registers the Blosc filter the chunks are compressed with)
 
         # Per-process state first: HDF5 handles (opened lazily), h5py dataset objects, valid-offset lists.
@@ -110,7 +119,22 @@ class PretrainDataset(_Base):
         self.patch_size, self.random_crop, self.seed = patch_size, random_crop, seed
         self.epoch = 0
         self.max_patch_nodata = m.max_patch_nodata
-        self.chunks: list[ChunkInfo] = assign_chunks(m, num_nodes)[node_rank]
+        assigned = assign_chunks(m, num_nodes)[node_rank]
+        excluded = {int(i) for i in exclude_chunks}
+        unknown = sorted(excluded - {c.index for c in m.chunks})
+        if unknown:
+            raise ValueError(f"exclude_chunks {unknown}: {self.root / fmt.MANIFEST_NAME} has no such chunk index")
+        self.excluded_chunks: list[ChunkInfo] = [c for c in assigned if c.index in excluded]
+        self.chunks: list[ChunkInfo] = [c for c in assigned if c.index not in excluded]
+        if not self.chunks:
+            raise ValueError(f"node {node_rank} of {num_nodes} has no chunk left to read in {self.root}: all of its "
+                             f"{len(assigned)} chunk(s) are excluded as bad. Re-convert them (python "
+                             f"preprocess/majortom_to_h5.py --verify --out {self.root} names them) or train on "
+                             f"fewer nodes")
+        if verify:
+            bad = integrity.find_bad_chunks(m, self.chunks)
+            if bad:
+                raise integrity.bad_chunk_error(m, bad, training=False)
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.max_open_files = max_open_files or max(4, min(len(self.chunks), (soft if soft > 0 else 1024) // 4))
 
@@ -122,7 +146,11 @@ class PretrainDataset(_Base):
         crs_lookup: dict[str, int] = {}
         same_patch = patch_size == m.patch_size
         for k, c in enumerate(self.chunks):
-            with open_h5_read(m.chunk_path(c)) as f:
+            try:
+                f = open_h5_read(m.chunk_path(c))
+            except OSError as e:
+                raise integrity.chunk_read_error(m, c, e) from e
+            with f:
                 n = f[fmt.GRID_CELL].shape[0]
                 if n != c.n_cells:
                     raise ValueError(f"{m.chunk_path(c)} holds {n} cells but the manifest says {c.n_cells}: the "
@@ -130,16 +158,19 @@ class PretrainDataset(_Base):
                 self._chunk_aux.append(tuple(t for t, name in fmt.AUX_DATASETS.items() if name in f))
                 chunk_of.append(np.full(n, k, np.int32))
                 row_of.append(np.arange(n, dtype=np.int32))
-                gt.append(f[fmt.GEOTRANSFORM][...])
-                nodata.append(f[fmt.NODATA_FRACTION][...])
-                grid_cells += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.GRID_CELL][...]]
-                product_ids += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.PRODUCT_ID][...]]
-                for s in f[fmt.CRS][...]:
-                    s = s.decode() if isinstance(s, bytes) else s
-                    crs_idx.append(crs_lookup.setdefault(s, len(crs_lookup)))
-                # Valid grid patches: precomputed by the converter for its patch size, else derived here.
-                grid.append(f[fmt.GRID_VALID][...].astype(bool) if same_patch
-                            else self._grid_from_counts(f, nodata[-1]))
+                try:
+                    gt.append(f[fmt.GEOTRANSFORM][...])
+                    nodata.append(f[fmt.NODATA_FRACTION][...])
+                    grid_cells += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.GRID_CELL][...]]
+                    product_ids += [s.decode() if isinstance(s, bytes) else s for s in f[fmt.PRODUCT_ID][...]]
+                    for s in f[fmt.CRS][...]:
+                        s = s.decode() if isinstance(s, bytes) else s
+                        crs_idx.append(crs_lookup.setdefault(s, len(crs_lookup)))
+                    # Valid grid patches: precomputed by the converter for its patch size, else derived here.
+                    grid.append(f[fmt.GRID_VALID][...].astype(bool) if same_patch
+                                else self._grid_from_counts(f, nodata[-1]))
+                except OSError as e:  # h5py's error for an HDF5 or filter failure: name the file and the fix
+                    raise integrity.chunk_read_error(m, c, e) from e
         self.aux_targets = frozenset(t for ts in self._chunk_aux for t in ts)
         self._crs_table = [s for s, _ in sorted(crs_lookup.items(), key=lambda kv: kv[1])]
         self._chunk_of = np.concatenate(chunk_of) if chunk_of else np.zeros(0, np.int32)
@@ -279,7 +310,22 @@ class PretrainDataset(_Base):
 
     # ------------------------------------------------------------------------------------------ reading
     def __getitem__(self, index: int) -> dict[str, Any]:
-        cell, r, c = self.crop_offset(int(index))
+        try:
+            return self._read_item(int(index))
+        except ChunkReadError:
+            raise
+        except OSError as e:  # h5py's error for any HDF5 or filter failure; the try costs nothing until it fires
+            raise self._read_error(int(index), e) from e
+
+    def _read_error(self, index: int, error: OSError) -> ChunkReadError:
+        """The ChunkReadError of item `index` (no pixel is read: its cell comes from the item table)."""
+        cell = int(self._items[index] if self.random_crop else self._items[index][0])
+        chunk = self.chunks[int(self._chunk_of[cell])]
+        return integrity.chunk_read_error(self.manifest, chunk, error, str(self._grid_cell[cell]),
+                                          int(self._row_of[cell]))
+
+    def _read_item(self, index: int) -> dict[str, Any]:
+        cell, r, c = self.crop_offset(index)
         p = self.patch_size
         d10, d20, dmask, daux = self._datasets(int(self._chunk_of[cell]))
         row = int(self._row_of[cell])
@@ -322,6 +368,7 @@ class PretrainDataset(_Base):
         return out
 
     def __repr__(self) -> str:
+        left_out = f" ({len(self.excluded_chunks)} bad chunk(s) left out)" if self.excluded_chunks else ""
         return (f"PretrainDataset({str(self.root)!r}, node {self.node_rank}/{self.num_nodes}: {len(self.chunks)} "
-                f"chunks, {self.num_cells} cells, {len(self)} items, patch {self.patch_size}, "
+                f"chunks{left_out}, {self.num_cells} cells, {len(self)} items, patch {self.patch_size}, "
                 f"random_crop={self.random_crop})")

@@ -65,6 +65,14 @@ class DataConfig(LoaderConfig):
     patch_size: int = 128
     # Crops are a pure function of (data.seed, epoch, item): keep it fixed for a run to resume exactly.
     seed: int = 0
+    # Every start checks each chunk file's size and checksum against manifest.json, spread over all ranks (each
+    # byte read once per job; cost in benchmarks/README.md, "Chunk verification"). false: trust the files, e.g.
+    # right after a --verify pass of a large set; a damaged chunk then fails at its first read (ChunkReadError).
+    verify_chunks: bool = True
+    # A chunk that fails verification: "stop" (every rank raises BadChunkError naming the chunks and the fix,
+    # before the first step) or "skip" (its cells are left out; a warning per chunk in log.txt, the count as the
+    # scalar data/bad_chunks).
+    on_bad_chunk: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> None:
         super().validate()

@@ -109,8 +109,9 @@ class Task:
     """What a job trains: subclass and override. The Trainer owns everything else.
 
     Required: build_model(), train_dataset(info) (called first), compute_loss(outputs, batch).
-    Optional hooks (defaults shown in the methods): forward(), evaluate(), should_stop(), test(), on_complete(),
-    images(), train_flops_per_sample(), hparams(), state_dict()/load_state_dict() (saved in every checkpoint).
+    Optional hooks (defaults shown in the methods): prepare_data() (just before train_dataset), forward(),
+    evaluate(), should_stop(), test(), on_complete(), images(), train_flops_per_sample(), hparams(),
+    state_dict()/load_state_dict() (saved in every checkpoint).
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
     or "node" (the dataset already is this node's share; the node's local ranks split it).
     `has_test`: the task has a final test (test() and on_complete() run once the run is complete).
@@ -128,6 +129,12 @@ class Task:
     def train_dataset(self, info: dist.DistInfo) -> Dataset:
         """The map-style training dataset of this rank's node (split="node") or of the whole job ("world")."""
         raise NotImplementedError
+
+    def prepare_data(self, info: dist.DistInfo) -> Mapping[str, float] | None:
+        """Called on every rank, together (collectives allowed), at each start just before train_dataset():
+        checks the data (pretraining verifies its chunk files) and raises to stop every rank before anything is
+        trained. Returns scalars to log once at the start step (e.g. {"data/bad_chunks": 1}), or None."""
+        return None
 
     def forward(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> Any:
         """Runs the (wrapped) model on a device batch; default model(batch["image"])."""
@@ -287,6 +294,8 @@ class Trainer:
         if done is not None and latest is None:
             raise FileNotFoundError(f"{self.run_dir} is marked DONE but has no checkpoint to test; delete "
                                     f"{self.run_dir / 'DONE'} to train again")
+        # The task's data checks first, on every rank: bad data stops the job here, having trained nothing.
+        self.metrics.at_start(self.task.prepare_data(self.info))
         # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
         # (pretraining trains the auxiliary heads only when the shards carry their targets).
         dataset = self.task.train_dataset(self.info)

@@ -3,7 +3,8 @@
 TensorBoard tags are grouped by prefix: `loss/total` and `loss/<term>`, `lr`, `grad_norm`,
 `perf/samples_per_s`, `perf/samples_per_s_per_gpu`, `perf/mfu`, `perf/step_time_s`, `perf/data_wait_s`,
 `perf/data_wait_frac`, `mem/...`, and `loss_window/total` and `loss_window/<term>` (the mean of the last
-run.log_every_steps steps: what log.txt prints); tasks add `val/...`, `test/...`, and images under `images/...`.
+run.log_every_steps steps: what log.txt prints); tasks add `val/...`, `test/...`, images under `images/...`, and
+scalars of their start-up data checks at the start step (pretraining: `data/bad_chunks`).
 metrics.jsonl holds the same scalars, one JSON object per logged step, at full precision (a resumed run appends;
 when a step appears twice, the later line is the one that counts, and an evaluation's line repeats the training
 scalars of its step so that it holds them all). Files are group-readable (shared scratch).
@@ -192,6 +193,7 @@ class MetricsLogger:
         self._jsonl = None
         self._last_line: tuple[int, dict[str, float]] = (-1, {})  # (step, scalars) of the newest jsonl line
         self._handlers: list[logging.Handler] = []
+        self._at_start: dict[str, float] = {}  # scalars known before the writers open (at_start)
 
     def __enter__(self) -> "MetricsLogger":
         self._handlers = setup_logging(self.run_dir, self.global_rank)
@@ -202,8 +204,14 @@ class MetricsLogger:
         teardown_logging(self._handlers)
         self._handlers = []
 
+    def at_start(self, values: Mapping[str, float] | None) -> None:
+        """Scalars known before the writers open (the task's data checks: data/bad_chunks): open_writers logs
+        them at the start step, merged into that step's line (a resumed run's last step keeps its scalars)."""
+        self._at_start.update(values or {})
+
     def open_writers(self, start_step: int = 0) -> None:
-        """Opens metrics.jsonl (appended) and the TensorBoard writer (global rank 0)."""
+        """Opens metrics.jsonl (appended) and the TensorBoard writer (global rank 0), then logs the at_start
+        scalars at `start_step`."""
         if not self.enabled or self._jsonl is not None:
             return
         if self.tensorboard:
@@ -216,6 +224,9 @@ class MetricsLogger:
         path = self.run_dir / "metrics.jsonl"
         self._jsonl = open(path, "a", encoding="utf-8")
         make_group_readable(path)
+        if self._at_start:
+            self.scalars(start_step, self._at_start, merge=True)
+            self._at_start = {}
 
     def scalars(self, step: int, values: Mapping[str, float | None], merge: bool = False) -> None:
         """Logs `values` (None values are skipped) at `step`. merge=True: more scalars for a step already

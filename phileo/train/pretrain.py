@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,8 @@ class FoundationTask(Task):
         self.loss = FoundationLoss(cfg.loss)
         # Auxiliary targets the data carries (set by train_dataset(), which the Trainer calls first).
         self.aux_targets: set[str] = set()
+        # Chunk indices the start-up verification found bad, left out under data.on_bad_chunk=skip.
+        self.bad_chunks: dict[int, str] = {}
 
     def build_model(self) -> nn.Module:
         """create_model(model.name, **model.overrides); the auxiliary heads whose targets the shards do not carry
@@ -84,12 +87,73 @@ class FoundationTask(Task):
                 p.requires_grad_(False)
         return model
 
+    def prepare_data(self, info: DistInfo) -> dict[str, float] | None:
+        """Verifies every chunk of data.root against manifest.json (data.verify_chunks): global rank r checks
+        every world_size-th chunk (size, then checksum; phileo.data.integrity) and the ranks exchange what they
+        found, so all agree. data.on_bad_chunk=stop: every rank raises BadChunkError naming the bad chunks, their
+        cells and the fix. skip: they are left out of train_dataset() (a warning each in log.txt); refused
+        (BadChunkError) when that leaves a node no chunk. Returns {"data/bad_chunks": n} when it verified."""
+        from phileo.data import load_manifest
+        from phileo.data.integrity import bad_chunk_error, find_bad_chunks, rank_share
+        from phileo.train import dist
+
+        _require_data_root(self.cfg)
+        data = self.cfg.data
+        if not data.verify_chunks:
+            log.info("data.verify_chunks=false: the chunk files of %s are not verified at start", data.root)
+            return None
+        manifest = load_manifest(data.root)
+        t0 = time.perf_counter()
+        found = find_bad_chunks(manifest, rank_share(manifest, info.global_rank, info.world_size))
+        shares = dist.all_gather_object((found, time.perf_counter() - t0))
+        bad = {index: problem for share, _ in shares for index, problem in share.items()}
+        seconds, gb = max(s for _, s in shares), sum(c.bytes for c in manifest.chunks) / 1e9
+        log.info("verified %d chunk files (%.2f GB) of %s against manifest.json in %.1f s on %d rank(s) "
+                 "(%.2f GB/s): %s", len(manifest.chunks), gb, data.root, seconds, info.world_size,
+                 gb / max(seconds, 1e-9), f"{len(bad)} bad" if bad else "all match")
+        if bad and data.on_bad_chunk == "stop":
+            raise bad_chunk_error(manifest, bad)
+        if bad:
+            self._skip(manifest, bad, info)
+        self.bad_chunks = bad
+        return {"data/bad_chunks": float(len(bad))}
+
+    @staticmethod
+    def _skip(manifest: Any, bad: dict[int, str], info: DistInfo) -> None:
+        """data.on_bad_chunk=skip: refuses (BadChunkError, on every rank) when a node would be left without a
+        chunk, else logs a warning per bad chunk and how to repair them."""
+        from phileo.data import assign_chunks
+        from phileo.data.chunk_format import BadChunkError
+        from phileo.data.integrity import bad_chunk_error, cells_text, chunk_cells, repair_text
+
+        # The nodes' shares stay those of the full list (PretrainDataset's exclude_chunks), so one node may lose
+        # all of its chunks while the others lose none.
+        empty = [n for n, node in enumerate(assign_chunks(manifest, info.num_nodes))
+                 if all(c.index in bad for c in node)]
+        if empty:
+            e = bad_chunk_error(manifest, bad)
+            raise BadChunkError(f"data.on_bad_chunk=skip cannot leave them out: node(s) "
+                                f"{', '.join(map(str, empty))} of {info.num_nodes} would have no chunk left to "
+                                f"read. Repair them, or train on fewer nodes.\n{e}", e.paths)
+        if not info.is_main:
+            return
+        chunks = [c for c in manifest.chunks if c.index in bad]
+        for c in chunks:
+            cells, _ = chunk_cells(manifest, c)
+            log.warning("data.on_bad_chunk=skip: leaving out bad chunk %s: %s; its %d cells (%s) are not trained "
+                        "on", manifest.chunk_path(c), bad[c.index], c.n_cells, cells_text(cells))
+        log.warning("%d bad chunk(s) left out of training. %s", len(chunks), repair_text(manifest, chunks))
+
     def train_dataset(self, info: DistInfo) -> Dataset:
         from phileo.data import PretrainDataset
 
         _require_data_root(self.cfg)
         dataset = PretrainDataset(Path(self.cfg.data.root), node_rank=info.node_rank, num_nodes=info.num_nodes,
-                                  patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed)
+                                  patch_size=self.cfg.data.patch_size, random_crop=True, seed=self.cfg.data.seed,
+                                  exclude_chunks=self.bad_chunks)
+        if dataset.excluded_chunks:
+            log.info("node %d reads %d cells in %d chunks (%d bad chunk(s) of its share left out)", info.node_rank,
+                     dataset.num_cells, len(dataset.chunks), len(dataset.excluded_chunks))
         self.aux_targets = {t for t in AUX_HEADS if t in getattr(dataset, "aux_targets", ())}
         return dataset
 

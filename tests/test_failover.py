@@ -16,6 +16,7 @@ import pytest
 
 from phileo import exit_codes, run_lock
 from phileo.config import ConfigError
+from phileo.data.chunk_format import BadChunkError, ChunkReadError
 from phileo.launch import failover
 from phileo.launch.jobs import RequeueRefused
 from phileo.launch.submit import rank_log_cause
@@ -79,7 +80,9 @@ def test_what_a_retry_cannot_help_is_not_retried(tmp_path):
     # The entry point refused its command line (exit 2): nothing ran, nothing to retry.
     assert failover.handle_failure(run, exit_codes.REFUSED, 3, None, never, job_id="77").action == "final"
     assert not failover.is_retryable(ConfigError("x")) and not failover.is_retryable(run_lock.RunLocked("x"))
+    assert not failover.is_retryable(BadChunkError("chunk_00003.h5 does not match its checksum"))
     assert failover.is_retryable(RuntimeError("gloo: connection closed by peer"))
+    assert failover.is_retryable(ChunkReadError("HDF5 filter returned failure reading cell 12U_45R"))
 
 
 def test_a_run_held_by_another_live_writer_is_left_alone(tmp_path):

@@ -222,6 +222,8 @@ class BadChunkError(ValueError):
     repair the set (phileo.data.integrity.bad_chunk_error writes it); `paths` are the chunks' paths as the
     manifest records them."""
 
+    retryable = False  # the same bytes fail again: no retry of the job (phileo.launch.failover)
+
     def __init__(self, message: str, paths: tuple[str, ...] = ()):
         super().__init__(message)
         self.paths = tuple(paths)

@@ -84,7 +84,8 @@ def failover_lines(folder: str | os.PathLike, python: Optional[str] = None) -> l
             f'  {python} -m phileo.launch.failover --exit-code "$phileo_status" --submitit-folder '
             f'{shlex.quote(str(folder))}',
             'fi',
-            'exit "$phileo_status"']
+            'exit "$phileo_status"',
+            '']  # a final newline, as the command block has
 
 
 def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optional[dict[str, str]] = None,

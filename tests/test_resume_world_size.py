@@ -160,6 +160,21 @@ def test_augmentation_follows_the_slot_not_the_process():
     assert not torch.equal(draw(original), draw(StepContext(7, 1, 0, 11, torch.device("cpu"))))
 
 
+def test_fine_tuning_sizes_its_epochs_by_the_runs_global_batch(tmp_path):
+    from phileo.bench.config import FinetuneConfig
+    from phileo.bench.finetune import derive_steps
+
+    cfg = FinetuneConfig()
+    assert derive_steps(cfg, 200, 4, global_batch=64)[1] == derive_steps(cfg, 200, 4)[1] == 4  # 16·4
+    assert derive_steps(cfg, 200, 2, global_batch=64)[1] == 4  # resumed on 2 GPUs: still the run's 64
+    assert ckpt_io.saved_data_layout(tmp_path) is None
+    folder = ckpt_io.checkpoint_dir(tmp_path, 5)
+    folder.mkdir(parents=True)
+    ckpt_io.save_file({"model": {}}, folder / ckpt_io.MODEL_FILE)
+    ckpt_io.save_file({"step": 5, "data_layout": DataLayout((4,), 16, 1).to_dict()}, folder / ckpt_io.TRAINER_FILE)
+    assert DataLayout.from_dict(ckpt_io.saved_data_layout(tmp_path)).global_batch == 64
+
+
 # ------------------------------------------------------------------------------------------ real runs
 class AugmentedTask(ToyTask):
     """ToyTask with noise drawn from the step's generator: the losses then tell whether each micro-batch got its

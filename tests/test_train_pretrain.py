@@ -1,5 +1,6 @@
 """Pretraining end to end on generated shards with the real models: the loss decreases (U-Net, ViT); DDP and
-ZeRO 1/2/3 give the same loss curve; resume is exact under ddp and zero2; a stop signal on one rank of a
+ZeRO 1/2/3 give the same loss curve; resume is exact under ddp and zero2; a 2-node run resumed on one process
+(reading both nodes' chunks) logs the same losses under ddp and zero2; a stop signal on one rank of a
 2-process job checkpoints both and the resumed job finishes on the same losses; the checkpoint contract.
 
 Multi-process runs are real: 2 processes, gloo, torchrun-style variables, laid out as 2 nodes × 1 process so each
@@ -92,7 +93,8 @@ def _tail(logs: Path) -> str:
 
 def _strategy_worker() -> None:
     """One rank of the strategy launch (argv: base_dir shards): every strategy straight, then ddp and zero2 as
-    two launches of STEPS/2 steps each (train.max_steps_per_launch), each in its own run folder."""
+    two launches of STEPS/2 steps each (train.max_steps_per_launch), each in its own run folder; between the two,
+    rank 0 copies the folder to resized_<strategy> (a second launch on one process resumes it there)."""
     base, shards = Path(sys.argv[1]), Path(sys.argv[2])
     from phileo.train.pretrain import run_pretraining
 
@@ -102,8 +104,20 @@ def _strategy_worker() -> None:
     for strategy in RESUMED:
         cfg = pretrain_config(base / f"resumed_{strategy}", shards, f"train.strategy={strategy}",
                               f"train.max_steps_per_launch={STEPS // 2}")
-        first, second = run_pretraining(cfg), run_pretraining(cfg)
+        first = run_pretraining(cfg)
+        _copy_run(base / f"resumed_{strategy}", base / f"resized_{strategy}")
+        second = run_pretraining(cfg)
         assert (first.status, first.step, second.status) == ("preempted", STEPS // 2, "completed"), (first, second)
+
+
+def _copy_run(run: Path, to: Path) -> None:
+    import shutil
+
+    from phileo.train import dist
+
+    if int(os.environ["RANK"]) == 0:
+        shutil.copytree(run, to)
+    dist.barrier()  # (the other rank would wait in the next launch's first collective anyway)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +161,30 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(strategy_runs, strategy
     b = ckpt_io.load_model_state(resumed / "checkpoints/step_00000010")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "resuming from" in (resumed / "log.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", RESUMED)
+def test_two_nodes_resumed_on_one_process_read_both_nodes_chunks_and_log_the_same_losses(strategy_runs, shards,
+                                                                                        strategy):
+    """Issue 14: the run's 2 streams (one per node's chunks) on one process with 2 micro-batches per step: the
+    same samples, crops and views, so the same losses as the uninterrupted 2-node run."""
+    from phileo.train.pretrain import run_pretraining
+
+    run = strategy_runs / f"resized_{strategy}"
+    result = run_pretraining(pretrain_config(run, shards, f"train.strategy={strategy}"))  # here: 1 process
+    assert (result.status, result.step) == ("completed", STEPS)
+    later = range(STEPS // 2 + 1, STEPS + 1)
+    straight, resized = read_metrics(strategy_runs / strategy), read_metrics(run)
+    assert [resized[s]["loss/total"] for s in later] == pytest.approx([straight[s]["loss/total"] for s in later],
+                                                                      rel=1e-5)
+    a = ckpt_io.load_model_state(strategy_runs / f"{strategy}/checkpoints/step_00000010")
+    b = ckpt_io.load_model_state(run / "checkpoints/step_00000010")
+    diff = sum(((b[k] - a[k]).double() ** 2).sum() for k in a) ** 0.5
+    norm = sum((a[k].double() ** 2).sum() for k in a) ** 0.5
+    assert diff / norm < 1e-5
+    log_text = (run / "log.txt").read_text()
+    assert "train.grad_accum_steps 1 → 2 keeps the global batch of 4 (2 per micro-batch)" in log_text
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ from phileo.train.cli import add_config_args, run_config_job
 from phileo.train.config import build_config
 from phileo.train.engine import Task, Trainer, TrainResult
 from phileo.train.evaluate import Evaluator
+from phileo.train.loader import DataLayout
 from phileo.train.stop import EarlyStopping, steps_per_epoch
 
 log = logging.getLogger("phileo.train")
@@ -270,11 +271,15 @@ class FinetuneResult:
     train: TrainResult | None = None
 
 
-def derive_steps(cfg: FinetuneConfig, n_train: int, world_size: int) -> tuple[FinetuneConfig, int]:
+def derive_steps(cfg: FinetuneConfig, n_train: int, world_size: int,
+                 global_batch: int | None = None) -> tuple[FinetuneConfig, int]:
     """Sets train.steps, train.eval_every_steps, optim.warmup_steps and checkpoint.every_steps from the epoch
     settings, and for the geometric warm-up one stage per warm-up epoch (optim.warmup_stages); returns (config,
-    steps per epoch). One epoch = ceil(n_train / (batch_size x world_size)) steps."""
-    per_epoch = steps_per_epoch(n_train, cfg.data.batch_size * cfg.train.grad_accum_steps * world_size)
+    steps per epoch). One epoch = ceil(n_train / global batch) steps; the global batch is
+    batch_size x grad_accum_steps x world_size, or `global_batch`: the run's own when it resumes (kept on
+    another number of processes, so the schedule stays the run's)."""
+    per_epoch = steps_per_epoch(n_train, global_batch or cfg.data.batch_size * cfg.train.grad_accum_steps
+                                * world_size)
     ft = cfg.finetune
     derived = {
         "train.steps": ft.max_epochs * per_epoch,
@@ -308,7 +313,9 @@ def run_finetuning(cfg: FinetuneConfig, info: dist.DistInfo | None = None) -> Fi
                             val_ratio=cfg.data.val_ratio, index_dir=cfg.data.nshot_index_dir or None,
                             normalisation=cfg.data.normalisation, augment=cfg.data.augment,
                             published_index=cfg.data.nshot_index or None)
-    cfg, per_epoch = derive_steps(cfg, len(splits.train), info.world_size)
+    saved = ckpt_io.saved_data_layout(run_dir)  # a resumed run keeps its global batch, on any number of processes
+    cfg, per_epoch = derive_steps(cfg, len(splits.train), info.world_size,
+                                  DataLayout.from_dict(saved).global_batch if saved else None)
     task = BenchTask(cfg, splits, info, per_epoch, t0)
     if info.is_main:
         log.info("fine-tuning %s (init %s) on %s, n=%d: %d train / %d val / %d test patches, %d steps per epoch",

@@ -3,10 +3,12 @@
     run_dir/checkpoints/step_00000100/
         model.pt         {"model": fp32 state dict of the bare model (no "module." prefix), "step": int,
                           "config": dict}: everything a user needs to evaluate or fine-tune, whatever the strategy
-        trainer.pt       step, last loss, the task's state, strategy and world size (global rank 0)
+        trainer.pt       step, last loss, the task's state, strategy, world size, the run's data layout and
+                         the accumulation of the launch that wrote it (global rank 0)
         optimizer.pt     optimizer + LR scheduler state (ddp; replicated, written by rank 0)
         deepspeed/state/ DeepSpeed's own sharded checkpoint (zero1-3: every rank writes its partition)
-        rank_00000.pt    per global rank: RNG states (torch, CUDA, numpy, python) and the data position
+        rank_00000.pt    per global rank: RNG states (torch, CUDA, numpy, python), restored on the same process
+                         count, and the data position (informative: it follows from the step and the layout)
         manifest.json    written last: {"format", "version", "step", "files": {relative path: {"size", "crc32"}}}
 
 A checkpoint is written into `checkpoints/.step_00000100.tmp` by all ranks; once every rank has finished, rank 0
@@ -162,9 +164,17 @@ def tmp_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f".step_{step:08d}.tmp"
 
 
+def scratch_dir(ckpt: str | os.PathLike, purpose: str) -> Path:
+    """A temporary folder beside the checkpoint folder `ckpt` (`checkpoints/.step_X.<purpose>.tmp`), outside its
+    manifest-verified contents, e.g. DeepSpeed's universal form of a ZeRO checkpoint while it is loaded; the
+    next start deletes one a crash left behind (remove_stale_tmp)."""
+    p = Path(ckpt)
+    return p.parent / f".{p.name}.{purpose}.tmp"
+
+
 def remove_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
-    """Deletes half-written checkpoint folders left by a crash mid-save; returns what it removed.
-    Call on one rank, before any rank starts saving."""
+    """Deletes half-written checkpoint folders (and scratch_dir folders) left by a crash mid-save; returns what
+    it removed. Call on one rank, before any rank starts saving."""
     root = Path(run_dir) / CHECKPOINTS
     removed = []
     if root.is_dir():
@@ -309,6 +319,19 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return ckpt["model"]
 
 
+def saved_data_layout(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's data layout (trainer.pt "data_layout", phileo.train.loader.DataLayout.to_dict) from its newest
+    checkpoint with a readable trainer.pt, or None (no checkpoint, or one written before layouts). Not
+    collective: for a job that sizes its schedule by the run's global batch before the Trainer starts
+    (fine-tuning counts epochs); the layout is fixed for the life of a run, so any checkpoint tells it."""
+    for _, p in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_file(p / TRAINER_FILE, "trainer state").get("data_layout")
+        except (FileNotFoundError, RuntimeError):
+            continue
+    return None
+
+
 def write_done(run_dir: str | os.PathLike, step: int, final_loss: float | None, **extra: Any) -> Path:
     """Writes the DONE marker (JSON: final step, final loss, extra fields) atomically."""
     return atomic_write_json(Path(run_dir) / DONE, {"step": step, "final_loss": final_loss, **extra})
@@ -323,8 +346,8 @@ def read_done(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 @dataclass
 class Resumed:
     """What CheckpointManager.load() read back besides the strategy's own state: `trainer` is trainer.pt (step,
-    last loss, the task's state, strategy, world size); `rank` is this rank's rank_*.pt (RNG states, data
-    position), or None when the checkpoint was written by another number of processes."""
+    last loss, the task's state, strategy, world size, data layout); `rank` is this rank's rank_*.pt (RNG states,
+    data position), or None when the checkpoint was written by another number of processes."""
 
     path: Path
     step: int
@@ -458,6 +481,24 @@ class CheckpointManager:
             log.info("deleted old checkpoint %s (checkpoint.keep_last=%d)", old.name, self.keep_last)
         return doomed
 
+    def peek(self, ckpt: str | os.PathLike) -> dict[str, Any]:
+        """The fields of `ckpt`'s trainer.pt that decide how a launch resumes, read on global rank 0 and the same
+        on every rank (collective): step, strategy, world_size, data_layout (None in checkpoints written before
+        layouts) and grad_accum_steps (the accumulation of the launch that wrote it; None likewise). A file
+        that cannot be read raises on every rank."""
+        fields, problem = None, None
+        if self.info.is_main:
+            try:
+                state = load_file(Path(ckpt) / TRAINER_FILE, "trainer state")
+                fields = {k: state.get(k) for k in ("step", "strategy", "world_size", "data_layout",
+                                                     "grad_accum_steps")}
+            except Exception as e:  # every rank must learn of it, or the others wait in the broadcast
+                problem = f"{type(e).__name__}: {e}"
+        fields, problem = dist.broadcast_object((fields, problem))
+        if problem:
+            raise RuntimeError(problem)
+        return fields
+
     def load(self, ckpt: str | os.PathLike, strategy: Any, expect_strategy: str) -> Resumed:
         """Loads the model and optimizer into `strategy` and returns the rest (collective). Refuses a checkpoint
         of another train.strategy, naming both."""
@@ -511,7 +552,9 @@ class CheckpointManager:
 __all__ = ["CheckpointManager", "Resumed", "MODEL_FILE", "TRAINER_FILE", "MANIFEST_FILE", "CHECKPOINTS", "DONE",
            "write_manifest", "verify_checkpoint", "is_legacy_checkpoint", "unlisted_checkpoints", "set_aside", "checkpoint_dir",
            "checkpoint_step", "list_checkpoints", "latest_checkpoint",
-           "tmp_checkpoint_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir", "prune_checkpoints",
+           "tmp_checkpoint_dir", "scratch_dir", "remove_stale_tmp", "prepare_tmp_dir", "commit_tmp_dir",
+           "prune_checkpoints",
            "delete_checkpoint",
            "fsync_tree", "make_tree_group_readable", "save_file", "load_file", "rank_state_path",
-           "capture_rng_state", "restore_rng_state", "load_model_state", "write_done", "read_done"]
+           "capture_rng_state", "restore_rng_state", "load_model_state", "saved_data_layout", "write_done",
+           "read_done"]

@@ -22,12 +22,15 @@ def zero_stage(strategy: str) -> int:
         raise ValueError(f"strategy {strategy!r} is not a ZeRO strategy ({', '.join(ZERO_STAGES)})") from None
 
 
-def make_deepspeed_config(train: TrainConfig, micro_batch_size: int, world_size: int, bf16: bool) -> dict[str, Any]:
+def make_deepspeed_config(train: TrainConfig, micro_batch_size: int, world_size: int, bf16: bool,
+                          load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for `train.strategy` (zero1|zero2|zero3).
 
     micro_batch_size is per process (data.batch_size); bf16 is the resolved precision (DeepSpeed's bf16 mode:
     bf16 weights and activations, fp32 master weights and optimizer state inside ZeRO). Gradient clipping and
     accumulation are DeepSpeed's to do (it owns the gradients); train.offload adds ZeRO-Offload.
+    load_universal: this launch resumes a checkpoint written by another number of processes, through DeepSpeed's
+    universal checkpoint (checkpoint.load_universal).
     """
     stage = zero_stage(train.strategy)
     zero: dict[str, Any] = {
@@ -65,6 +68,8 @@ def make_deepspeed_config(train: TrainConfig, micro_batch_size: int, world_size:
         # Tags are ours ("state"); validating them across ranks costs an all-gather per save for nothing.
         "checkpoint": {"tag_validation": "Ignore"},
     }
+    if load_universal:
+        config["checkpoint"]["load_universal"] = True
     if bf16:
         config["bf16"] = {"enabled": True}
         # Accumulate gradients across micro-batches in fp32, not bf16 (7 mantissa bits lose small updates).

@@ -13,10 +13,17 @@ What `fit()` does, in order:
  1. returns at once if run.dir holds a DONE marker for at least train.steps (or an early stop) and the task has
     no test;
  2. sets up the run folder (config.yaml, env.json, log.txt, TensorBoard, deepspeed_config.json);
- 3. seeds, builds the model (identical on every rank), wraps it (DDP or ZeRO), and resumes from the newest
-    complete checkpoint by step number: weights, optimizer, scheduler, task state, each rank's RNG states and
-    data position, so the resumed run computes exactly what the uninterrupted one would have;
- 4. per step: grad_accum_steps micro-batches (forward under bf16/fp16 autocast if asked, loss, backward), one
+ 3. decides the run's data layout (phileo.train.loader: fixed at the first start, read back from the newest
+    checkpoint's trainer.pt) and this launch's accumulation, which keeps the run's global batch and sample
+    order on any number of processes that divides it (refused otherwise, with the counts that work); builds
+    the training dataset of every group this process reads; seeds, builds the model (identical on every
+    rank), wraps it (DDP or ZeRO), and resumes from the newest complete checkpoint by step number: weights,
+    optimizer, scheduler (ZeRO on another process count through DeepSpeed's universal checkpoint), task
+    state, and, on the same process count, each rank's RNG states, so the resumed run computes exactly what
+    the uninterrupted one would have (on another count: the same samples, augmentation and losses up to
+    float summation order; process-global random streams such as dropout restart);
+ 4. per step: the launch's micro-batches (train.grad_accum_steps, or what keeps the global batch after a
+    resume on another process count; forward under bf16/fp16 autocast if asked, loss, backward), one
     all-reduce that carries the losses for logging, a non-finite flag and the stop-signal flag, then the optimizer
     step (clipping, schedule);
  5. logs scalars every run.log_every_steps, images every run.image_every_steps, runs the task's evaluate() every
@@ -40,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -50,13 +57,13 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from phileo import run_lock
-from phileo.config import save_config, to_dict
+from phileo.config import ConfigError, save_config, to_dict
 from phileo.fsutil import atomic_write_json, make_group_readable
 from phileo.run_state import update_state
 from phileo.train import dist
 from phileo.train.checkpoint import CheckpointManager, capture_rng_state, checkpoint_step, restore_rng_state
 from phileo.train.evaluate import EvaluationInterrupted, Evaluator
-from phileo.train.loader import build_loader, to_device
+from phileo.train.loader import DataLayout, build_loader, data_rank, plan_resume, start_layout, to_device
 from phileo.train.metrics import (LossWindow, MetricsLogger, ThroughputWindow, fmt4, host_record, peak_tflops,
                                   write_env_json)
 from phileo.train.precision import autocast, grad_scaler, resolve_precision
@@ -88,18 +95,28 @@ class TrainResult:
 
 @dataclass
 class StepContext:
-    """What a task may need to know about the micro-batch it is computing."""
+    """What a task may need to know about the micro-batch it is computing.
+
+    `micro_step` and `global_rank` say where it is computed (this process, its micro-batch of the step);
+    `virtual_rank` and `virtual_micro_step` which slot of the run's global batch it is (phileo.train.loader:
+    the stream it comes from and its micro-batch within the step). On the layout the run started with they are
+    the same numbers; after a resume on another number of processes they differ. None: the physical ones."""
 
     step: int  # 1-based index of the optimizer step being computed
-    micro_step: int  # 0 .. grad_accum_steps - 1
+    micro_step: int  # 0 .. this launch's micro-batches per step - 1
     global_rank: int
     seed: int
     device: torch.device
+    virtual_rank: int | None = None
+    virtual_micro_step: int | None = None
 
     def generator(self) -> torch.Generator:
-        """A generator on the device seeded from (seed, step, micro_step, global_rank): augmentation drawn from
-        it is the same in a resumed run and differs between ranks and steps."""
-        mixed = np.random.SeedSequence([self.seed, self.step, self.micro_step, self.global_rank]).generate_state(2)
+        """A generator on the device seeded from (seed, step, virtual_micro_step, virtual_rank): augmentation
+        drawn from it follows the sample it is applied to, so it is the same in a resumed run (on any number of
+        processes) and differs between streams and steps."""
+        rank = self.global_rank if self.virtual_rank is None else self.virtual_rank
+        micro = self.micro_step if self.virtual_micro_step is None else self.virtual_micro_step
+        mixed = np.random.SeedSequence([self.seed, self.step, micro, rank]).generate_state(2)
         g = torch.Generator(device=self.device)
         g.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
         return g
@@ -113,7 +130,11 @@ class Task:
     evaluate(), should_stop(), test(), on_complete(), images(), train_flops_per_sample(), hparams(),
     state_dict()/load_state_dict() (saved in every checkpoint).
     `split` says how train_dataset() is shared among ranks: "world" (same dataset on every rank, all ranks split it)
-    or "node" (the dataset already is this node's share; the node's local ranks split it).
+    or "node" (the dataset already is one node's share, info.node_rank of info.num_nodes; that node's processes
+    split it). The data layout belongs to the run (phileo.train.loader), so with split="node" a process resumed
+    on another number of nodes or processes may read the streams of other nodes of the run's first start: the
+    engine then calls train_dataset once per node share it reads, with info.node_rank and info.num_nodes set to
+    that share (the other fields stay this process's).
     `has_test`: the task has a final test (test() and on_complete() run once the run is complete).
     """
 
@@ -127,13 +148,16 @@ class Task:
         raise NotImplementedError
 
     def train_dataset(self, info: dist.DistInfo) -> Dataset:
-        """The map-style training dataset of this rank's node (split="node") or of the whole job ("world")."""
+        """The map-style training dataset of node share info.node_rank of info.num_nodes (split="node": may be
+        called once per share this process reads, see the class docstring) or of the whole job ("world")."""
         raise NotImplementedError
 
     def prepare_data(self, info: dist.DistInfo) -> Mapping[str, float] | None:
         """Called on every rank, together (collectives allowed), at each start just before train_dataset():
         checks the data (pretraining verifies its chunk files) and raises to stop every rank before anything is
-        trained. Returns scalars to log once at the start step (e.g. {"data/bad_chunks": 1}), or None."""
+        trained. For split="node", info.num_nodes is the number of node shares the run's data is read in (fixed
+        at its first start; phileo.train.loader.DataLayout) and info.node_rank the first share this process
+        reads. Returns scalars to log once at the start step (e.g. {"data/bad_chunks": 1}), or None."""
         return None
 
     def forward(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> Any:
@@ -231,11 +255,26 @@ class Trainer:
         self.throughput: ThroughputWindow | None = None
         self.step = 0
         self.last_loss: float | None = None
-        self.samples_consumed = 0
+        # The run's data layout and this launch's share of it (_plan_data): micro-batches per step and the slot
+        # (virtual rank, its micro-batch) each of them computes.
+        self.layout: DataLayout | None = None
+        self.grad_accum = cfg.train.grad_accum_steps
+        self.slots: list[tuple[int, int]] = []
+        self._load_universal = False
+        self._legacy_position = False
+        self._warned = False
 
     @property
     def world_batch(self) -> int:
-        return self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.info.world_size
+        """The global batch: the run's (kept on any number of processes), B × A × world size at its start."""
+        if self.layout is not None:
+            return self.layout.global_batch
+        return self.cfg.data.batch_size * self.grad_accum * self.info.world_size
+
+    @property
+    def samples_consumed(self) -> int:
+        """Samples each of the run's streams has consumed after the current step."""
+        return self.layout.position(self.step) if self.layout is not None else 0
 
     @property
     def final_loss(self) -> float | None:
@@ -258,11 +297,14 @@ class Trainer:
                                message="already complete", stopped_early=bool(done.get("stopped_early")))
         self._take_run_lock()
         try:
-            self._setup_run_dir(done, finished)
+            self._setup_run_dir()
             with self.metrics:
                 try:
-                    result = self._fit(done if finished else None)
+                    result = self._fit(done, finished)
                     return self._test(result) if result.status == "completed" and self.task.has_test else result
+                except ConfigError as e:  # a refusal that says what to do: into log.txt without a traceback
+                    log.error("%s", e)
+                    raise
                 except Exception:
                     # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
                     log.exception("training failed on global rank %d at step %d", self.info.global_rank,
@@ -288,20 +330,26 @@ class Trainer:
         if problem:
             raise run_lock.RunLocked(problem)
 
-    def _fit(self, done: Mapping[str, Any] | None) -> TrainResult:
-        """Set-up, resume, then the loop; `done`: the DONE marker of a run that only needs its test."""
+    def _fit(self, done: Mapping[str, Any] | None, finished: bool) -> TrainResult:
+        """Set-up, resume, then the loop; `done`: the DONE marker, `finished`: it covers train.steps (the run
+        only needs its test)."""
         latest = self.checkpoints.latest()
-        if done is not None and latest is None:
+        if finished and latest is None:
             raise FileNotFoundError(f"{self.run_dir} is marked DONE but has no checkpoint to test; delete "
                                     f"{self.run_dir / 'DONE'} to train again")
-        # The task's data checks first, on every rank: bad data stops the job here, having trained nothing.
-        self.metrics.at_start(self.task.prepare_data(self.info))
-        # The dataset first: opening it is cheap, and a task may shape its model by what the data holds
+        # Before the config is recorded (a refused launch changes nothing) and before the strategy is built (the
+        # accumulation that keeps the global batch goes into DeepSpeed's config).
+        self._plan_data(latest)
+        self._record_config(done, finished)
+        done = done if finished else None
+        # The task's data checks, on every rank together: bad data stops the job here, having trained nothing.
+        self.metrics.at_start(self.task.prepare_data(self._data_view()))
+        # The datasets next: opening them is cheap, and a task may shape its model by what the data holds
         # (pretraining trains the auxiliary heads only when the shards carry their targets).
-        dataset = self.task.train_dataset(self.info)
+        datasets = self._train_datasets()
         flops = self._build_model()
         rng_state = self._resume(latest)
-        loader = self._loader(dataset)
+        loader = self._loader(datasets)
         peak = self._describe_run(latest, flops)
         if done is not None:
             log.info("training is complete (DONE at step %d): running the test only", self.step)
@@ -339,17 +387,75 @@ class Trainer:
                     return self._stop(decision)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _setup_run_dir(self, done: Mapping[str, Any] | None, finished: bool) -> None:
+    def _setup_run_dir(self) -> None:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             make_group_readable(self.run_dir, directory=True)
             for removed in self.checkpoints.clean_stale():
                 log.info("deleted a half-written checkpoint from an earlier crash: %s", removed)
+        dist.barrier()
+
+    def _record_config(self, done: Mapping[str, Any] | None, finished: bool) -> None:
+        """config.yaml (the config as given, whatever accumulation this launch uses); DONE removed when
+        train.steps was raised past a finished run."""
+        if self.info.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         if done is not None and not finished:
             # train.steps was raised past a finished run: it is not finished any more until the new end.
             self.checkpoints.clear_done()
         dist.barrier()
+
+    def _plan_data(self, latest: Path | None) -> None:
+        """The run's data layout (fixed at its first start, read back from the newest checkpoint's trainer.pt),
+        this launch's micro-batches per step, and the slots this process computes (collective). Refuses, on every
+        rank alike, a resume that cannot keep the run's global batch (phileo.train.loader.plan_resume)."""
+        cfg, info = self.cfg, self.info
+        split = self.task.split
+        per_node = self._processes_per_node() if split == "node" else [info.world_size]
+        fresh = start_layout(split, info.world_size, per_node, cfg.data.batch_size, cfg.train.grad_accum_steps)
+        written = self.checkpoints.peek(latest) if latest is not None else None
+        plan = plan_resume(fresh, info.world_size, written)
+        self.layout, self.grad_accum, self._legacy_position = plan.layout, plan.grad_accum, plan.legacy_position
+        self._warned = plan.warn
+        self.slots = plan.layout.slots(data_rank(plan.layout, split, info, per_node), info.world_size)
+        # ZeRO's optimizer partitions follow the process count: another count loads DeepSpeed's universal form.
+        self._load_universal = (written is not None and cfg.train.strategy != "ddp"
+                                and written.get("world_size") != info.world_size)
+        if plan.note:
+            (log.warning if plan.warn else log.info)("%s", plan.note)
+
+    def _processes_per_node(self) -> list[int]:
+        """Processes on each node, by node rank (collective)."""
+        info = self.info
+        seen: dict[int, int] = {}
+        for node, count in dist.all_gather_object((info.node_rank, info.local_world_size)):
+            if seen.setdefault(node, count) != count:
+                raise RuntimeError(f"node {node} reports both {seen[node]} and {count} local processes: check the "
+                                   f"launcher's LOCAL_WORLD_SIZE / SLURM_TASKS_PER_NODE")
+        if sorted(seen) != list(range(info.num_nodes)):
+            raise RuntimeError(f"processes report node ranks {sorted(seen)} for {info.num_nodes} nodes: check the "
+                               f"launcher's GROUP_RANK / SLURM_NODEID")
+        return [seen[n] for n in range(info.num_nodes)]
+
+    def _groups_read(self) -> list[int]:
+        """The node shares (groups of the run's data layout) this process's slots read, usually just its own."""
+        return sorted({self.layout.group_of(v)[0] for v, _ in self.slots})
+
+    def _data_view(self) -> dist.DistInfo:
+        """This process as the task's data sees it (Task.prepare_data): for split="node", num_nodes is the number
+        of node shares of the run's data layout, fixed at its first start, and node_rank the first share this
+        process reads; for split="world" the process itself."""
+        if self.task.split == "world":
+            return self.info
+        return replace(self.info, node_rank=self._groups_read()[0], num_nodes=self.layout.groups)
+
+    def _train_datasets(self) -> dict[int, Dataset]:
+        """{group: training dataset} for every group this process's slots read: the whole job's (group 0) for
+        split="world"; for split="node" the node share of each group, usually just this node's own."""
+        if self.task.split == "world":
+            return {0: self.task.train_dataset(self.info)}
+        return {g: self.task.train_dataset(replace(self.info, node_rank=g, num_nodes=self.layout.groups))
+                for g in self._groups_read()}
 
     def _seed_all(self, seed: int) -> None:
         import random
@@ -366,8 +472,10 @@ class Trainer:
         model = self.task.build_model()
         flops = self.task.train_flops_per_sample(model) if info.is_main else None
         model.to(self.device)
-        self.strategy = build_strategy(model, info, cfg.train, cfg.optim, cfg.data.batch_size, self.bf16,
-                                       grad_scaler(self.precision, info.device))
+        self.strategy = build_strategy(model, info, replace(cfg.train, grad_accum_steps=self.grad_accum), cfg.optim,
+                                       cfg.data.batch_size, self.bf16, grad_scaler(self.precision, info.device),
+                                       lr_world_size=self.layout.virtual_ranks,
+                                       load_universal=self._load_universal)
         self.model = self.strategy.model
         if info.is_main and self.strategy.ds_config is not None:
             atomic_write_json(self.run_dir / "deepspeed_config.json", self.strategy.ds_config)
@@ -393,28 +501,32 @@ class Trainer:
         self.losses.load_state_dict(resumed.trainer.get("loss_window"))
         self.step = checkpoint_step(latest)
         self.stop.start(self.step)
+        if self._legacy_position:
+            # Written before data layouts, on this process count: the stream goes on from the rank file's position.
+            consumed = (resumed.rank["samples_consumed"] if resumed.rank is not None
+                        else self.step * self.layout.grad_accum * self.layout.micro_batch)
+            self.layout = replace(self.layout, from_sample=int(consumed))
         if resumed.rank is not None:
-            self.samples_consumed = int(resumed.rank["samples_consumed"])
             return resumed.rank["rng"]
-        # Another number of processes: the data order and RNG streams cannot continue exactly; go on from the
-        # equivalent position so no sample is favoured, and say so.
-        log.warning("resuming %s written by %s processes with %d: data order and random streams start afresh "
-                    "at step %d (training continues, but not bit-identical to an uninterrupted run)",
-                    latest.name, resumed.trainer.get("world_size"), info.world_size, resumed.step)
-        self.samples_consumed = resumed.step * cfg.train.grad_accum_steps * cfg.data.batch_size
+        # Another number of processes: the data order and augmentation follow the run's layout, but each process's
+        # own random streams (dropout, anything drawn from the global RNGs) cannot be carried over; say so.
+        if not self._warned:  # (a checkpoint from before layouts has warned already)
+            log.warning("resuming %s written by %s processes with %d: process-global random streams (e.g. "
+                        "dropout) restart at step %d; the data order and augmentation are kept",
+                        latest.name, resumed.trainer.get("world_size"), info.world_size, resumed.step)
         self._seed_all(cfg.train.seed + 7919 * info.global_rank + resumed.step)
         return None
 
-    def _loader(self, dataset: Dataset):
+    def _loader(self, datasets: Mapping[int, Dataset]):
         cfg = self.cfg
         loader, sampler = build_loader(
-            dataset, self.info, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
-            start_sample=self.samples_consumed, split=self.task.split, pin_memory=cfg.data.pin_memory,
-            prefetch_factor=cfg.data.prefetch_factor, stop_signals=list(cfg.train.stop_signals))
+            datasets, self.layout, self.slots, self.info, cfg.data.num_workers, seed=cfg.train.seed,
+            start_step=self.step, pin_memory=cfg.data.pin_memory, prefetch_factor=cfg.data.prefetch_factor,
+            stop_signals=list(cfg.train.stop_signals))
         if self.stop.train_loss_stop is not None:
-            # One epoch = one pass of a rank over its share; ranks of different nodes may hold different shares,
-            # so all take the shortest (every rank must close an epoch at the same step).
-            steps = steps_per_epoch(sampler.per_rank, cfg.data.batch_size * cfg.train.grad_accum_steps)
+            # One epoch = one pass of a stream over its share; streams of different nodes may hold different
+            # shares, so all take the shortest (every rank must close an epoch at the same step).
+            steps = steps_per_epoch(sampler.per_rank, self.layout.micro_batch * self.layout.grad_accum)
             agreed = dist.all_reduce_(torch.tensor(-float(steps), device=self.device), "max")
             self.stop.set_epoch_steps(int(-agreed.item()))
             log.info("early stopping on the training loss: patience %d epochs of %d steps",
@@ -433,18 +545,18 @@ class Trainer:
         if info.is_main:
             write_env_json(self.run_dir, info, hosts, {
                 "model_parameters": n_params, "train_flops_per_sample": flops, "peak_tflops_per_device": peak,
-                "precision": precision, "global_batch": self.world_batch,
-                "resumed_from": str(latest) if latest else None})
+                "precision": precision, "global_batch": self.world_batch, "data_layout": self.layout.to_dict(),
+                "grad_accum_steps": self.grad_accum, "resumed_from": str(latest) if latest else None})
         self.metrics.open_writers(self.step)
         self.state.started(self.step, cfg.train.steps, info)
         self.metrics.hparams(self._hparams(n_params), self.task.hparam_metrics())
         log.info("%s: %s process(es) on %d node(s) [%s], %s on %s, %s, %.1f M parameters, global batch %d "
                  "(%d per process × %d accumulation × %d)", self.run_dir, info.world_size, info.num_nodes,
                  info.source, cfg.train.strategy, info.device, precision, n_params / 1e6,
-                 self.world_batch, cfg.data.batch_size, cfg.train.grad_accum_steps, info.world_size)
+                 self.world_batch, cfg.data.batch_size, self.grad_accum, info.world_size)
         if latest is not None:
-            log.info("resuming from %s (step %d, %d samples consumed on rank 0)", latest, self.step,
-                     self.samples_consumed)
+            log.info("resuming from %s (step %d, %d samples consumed by each of the run's %d stream(s))", latest,
+                     self.step, self.samples_consumed, self.layout.virtual_ranks)
         return peak
 
     def _hparams(self, n_params: int) -> dict[str, Any]:
@@ -452,7 +564,7 @@ class Trainer:
         return {"strategy": cfg.train.strategy, "precision": self.precision, "recipe": getattr(cfg, "recipe", "default"),
                 "world_size": info.world_size, "num_nodes": info.num_nodes,
                 "batch_size_per_process": cfg.data.batch_size, "global_batch": self.world_batch,
-                "grad_accum_steps": cfg.train.grad_accum_steps, "lr": cfg.optim.lr,
+                "grad_accum_steps": self.grad_accum, "lr": cfg.optim.lr,
                 "lr_scaling": cfg.optim.lr_scaling, "weight_decay": cfg.optim.weight_decay,
                 "warmup_steps": cfg.optim.warmup_steps, "steps": cfg.train.steps,
                 "seed": cfg.train.seed, "parameters": n_params, "task": self.task.name, **self.task.hparams()}
@@ -480,10 +592,10 @@ class Trainer:
         return StepOutput(loss, terms, lr_used, grad_norm, stop_requested, kept)
 
     def _accumulate(self, data_iter: Iterator, step_no: int):
-        """Forward and backward over train.grad_accum_steps micro-batches; returns (loss sum, term sums, the last
-        micro-batch's (outputs, batch) when images are due, seconds spent waiting for data)."""
+        """Forward and backward over this launch's micro-batches (self.grad_accum); returns (loss sum, term sums,
+        the last micro-batch's (outputs, batch) when images are due, seconds spent waiting for data)."""
         cfg, info, strategy = self.cfg, self.info, self.strategy
-        gas = cfg.train.grad_accum_steps
+        gas = self.grad_accum
         want_images = info.is_main and cfg.run.image_every_steps > 0 and step_no % cfg.run.image_every_steps == 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         term_sums: dict[str, Any] = {}
@@ -493,7 +605,7 @@ class Trainer:
             t_data = time.perf_counter()
             batch = to_device(next(data_iter), self.device)
             data_wait += time.perf_counter() - t_data
-            ctx = StepContext(step_no, micro, info.global_rank, cfg.train.seed, self.device)
+            ctx = StepContext(step_no, micro, info.global_rank, cfg.train.seed, self.device, *self.slots[micro])
             with strategy.no_sync(last):
                 with autocast(self.device, self.precision):
                     outputs = self.task.forward(strategy.module, batch, ctx)
@@ -505,7 +617,6 @@ class Trainer:
             if want_images and last:
                 kept = (outputs, batch)
             del outputs, loss
-        self.samples_consumed += gas * cfg.data.batch_size
         return loss_sum, term_sums, kept, data_wait
 
     def _reduce(self, loss_sum: torch.Tensor, term_sums: dict[str, Any]) -> tuple[float, dict[str, float], bool, bool]:
@@ -520,7 +631,7 @@ class Trainer:
         # NaN + anything is NaN, so non-finite values also travel in the sums; the flag says *where*.
         dist.all_reduce_(vec, "sum")
         reduced = vec.cpu().tolist()
-        n = self.cfg.train.grad_accum_steps * self.info.world_size
+        n = self.grad_accum * self.info.world_size  # = the run's micro-batches per step
         terms = {k: reduced[1 + i] / n for i, k in enumerate(names)}
         return reduced[0] / n, terms, reduced[-2] > 0, reduced[-1] > 0
 
@@ -553,7 +664,8 @@ class Trainer:
             step, self.strategy, payload={"step": step, "config": to_dict(self.cfg)},
             trainer_state={"step": step, "last_loss": self.last_loss, "loss_window": self.losses.state_dict(),
                            "task": self.task.state_dict(), "stop": self.stop.state_dict(),
-                           "strategy": self.cfg.train.strategy, "world_size": self.info.world_size},
+                           "strategy": self.cfg.train.strategy, "world_size": self.info.world_size,
+                           "data_layout": self.layout.to_dict(), "grad_accum_steps": self.grad_accum},
             rank_state={"rng": capture_rng_state(), "samples_consumed": self.samples_consumed,
                         "world_size": self.info.world_size, "step": step})
         log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)

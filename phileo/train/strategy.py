@@ -10,14 +10,19 @@ Both strategies answer the same small interface the Trainer drives:
     save(dir, ...) / load(dir)   the strategy's part of a checkpoint folder (see phileo.train.checkpoint)
 
 Gradient semantics are the same in both: the update uses the mean gradient over all micro-batches of all ranks.
+`lr_world_size` is the world size optim.lr_scaling scales by: the run's number of data streams (its world size at
+the first start), so the LR does not move when a run resumes on another number of processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ class DDPStrategy:
     name = "ddp"
 
     def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
-                 scaler: torch.amp.GradScaler | None = None):
+                 scaler: torch.amp.GradScaler | None = None, lr_world_size: int | None = None):
         self.model = model
         self.info = info
         self.train_cfg = train
@@ -48,7 +53,7 @@ class DDPStrategy:
         # gradients overflow is skipped and the scale lowered, as torch.amp does; such steps are counted.
         self.scaler = scaler
         self.skipped_steps = 0
-        self.optimizer = build_optimizer(model, optim, info.world_size)
+        self.optimizer = build_optimizer(model, optim, lr_world_size or info.world_size)
         self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
         if info.distributed:
             device_ids = [torch.device(info.device).index] if info.device.startswith("cuda") else None
@@ -155,17 +160,24 @@ def _import_deepspeed():
 
 
 class DeepSpeedStrategy:
-    """DeepSpeed ZeRO stage 1, 2 or 3 with our AdamW and schedule handed over as client objects."""
+    """DeepSpeed ZeRO stage 1, 2 or 3 with our AdamW and schedule handed over as client objects.
+
+    load_universal: the checkpoint to resume was written by another number of processes; load() then converts
+    DeepSpeed's sharded state to its universal checkpoint (deepspeed.checkpoint.ds_to_universal) in a scratch
+    folder beside the checkpoint and loads that (DeepSpeed's config gets checkpoint.load_universal)."""
 
     def __init__(self, model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
-                 micro_batch_size: int, bf16: bool):
+                 micro_batch_size: int, bf16: bool, lr_world_size: int | None = None, load_universal: bool = False):
         deepspeed = _import_deepspeed()
         self.name = train.strategy
         self.stage = zero_stage(train.strategy)
         self.info = info
         self.train_cfg = train
-        self.ds_config = make_deepspeed_config(train, micro_batch_size, info.world_size, bf16)
-        optimizer = build_optimizer(model, optim, info.world_size, cpu_offload=train.offload != "none")
+        self.load_universal = load_universal
+        self.ds_config = make_deepspeed_config(train, micro_batch_size, info.world_size, bf16,
+                                               load_universal=load_universal)
+        optimizer = build_optimizer(model, optim, lr_world_size or info.world_size,
+                                    cpu_offload=train.offload != "none")
         scheduler = build_scheduler(optimizer, optim, train.steps)
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -233,18 +245,84 @@ class DeepSpeedStrategy:
             ckpt_io.save_file({"model": state, **model_payload}, ckpt / "model.pt")
 
     def load(self, ckpt: Path) -> None:
+        """Loads DeepSpeed's checkpoint of `ckpt` (collective): directly when written by this number of processes,
+        else through its universal form (load_universal)."""
         ds_dir = ckpt / "deepspeed"
         if not (ds_dir / "state").is_dir():
             raise FileNotFoundError(
                 f"{ckpt} has no deepspeed/state/: it was not written by a ZeRO strategy (a ddp run keeps "
                 f"optimizer.pt). Resume with the strategy it was written with, or start a new run folder "
                 f"initialised from {ckpt / 'model.pt'}")
+        if self.load_universal:
+            self._load_universal(ckpt)
+            return
         path, _ = self.engine.load_checkpoint(str(ds_dir), tag="state", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {ds_dir} (see its log above); "
-                               f"was it written with another world size? ZeRO resumes need the same number of "
-                               f"processes")
+            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {ds_dir} (see its log above)")
+
+    def _load_universal(self, ckpt: Path) -> None:
+        """Global rank 0 converts deepspeed/state/ into DeepSpeed's universal checkpoint (per parameter: fp32
+        master, Adam moments, step) in a scratch folder beside the checkpoint, every rank loads its new
+        partitions from it, and rank 0 deletes it. Exact: the same fp32 state, partitioned anew."""
+        scratch = ckpt_io.scratch_dir(ckpt, "universal")
+        problem = None
+        if self.info.is_main:
+            t0 = time.perf_counter()
+            try:
+                _to_universal(ckpt / "deepspeed" / "state", scratch / "state")
+                log.info("converted %s's ZeRO state to DeepSpeed's universal checkpoint in %.1f s (it was written "
+                         "by another number of processes)", ckpt.name, time.perf_counter() - t0)
+            except Exception as e:  # every rank must learn of it, or the others wait in the broadcast
+                shutil.rmtree(scratch, ignore_errors=True)
+                problem = (f"cannot convert the ZeRO checkpoint {ckpt / 'deepspeed'} to DeepSpeed's universal form "
+                           f"to resume it on {self.info.world_size} process(es) ({type(e).__name__}: {e}); "
+                           f"resume with the number of processes that wrote it")
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise RuntimeError(problem)
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # our torch AdamW
+        built = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
+        try:
+            path, _ = self.engine.load_checkpoint(str(scratch), tag="state", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {scratch} (see its log)")
+            if self.stage == 3:
+                _repair_stage3_universal_load(inner, built)
+        finally:
+            dist.barrier()
+            if self.info.is_main:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _repair_stage3_universal_load(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
+    """Undoes two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3) with more than one parameter group, as ours are (decayed,
+    not decayed): it gives every group the hyperparameters of group 0 (the biases and norms would be decayed), and
+    one `step` tensor to every group's state (AdamW increments it in place, once per group and step). The
+    groups get back what this launch built (weight decay, betas, eps: the config's; the LR stays the loaded
+    schedule's, the same for every group), and each state its own step."""
+    for group, hyper in zip(optimizer.param_groups, built):
+        group.update(hyper)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _to_universal(ds_state: Path, out: Path) -> None:
+    """deepspeed.checkpoint.ds_to_universal on one DeepSpeed checkpoint tag folder, in this process (no worker
+    pool), its progress output kept out of the job's log."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    if out.parent.exists():
+        shutil.rmtree(out.parent)
+    args = argparse.Namespace(input_folder=str(ds_state), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # client optimizers leave out the version tag the converter asks for
+                              inject_missing_state=True)
+    with _quiet_stdout():
+        ds_to_universal.main(args)
 
 
 @contextlib.contextmanager
@@ -263,15 +341,18 @@ def _quiet_stdout():
 
 
 def build_strategy(model: nn.Module, info: dist.DistInfo, train: TrainConfig, optim: OptimConfig,
-                   micro_batch_size: int, bf16: bool, scaler: torch.amp.GradScaler | None = None):
+                   micro_batch_size: int, bf16: bool, scaler: torch.amp.GradScaler | None = None,
+                   lr_world_size: int | None = None, load_universal: bool = False):
     """DDPStrategy for train.strategy=ddp, DeepSpeedStrategy for zero1/zero2/zero3. `model` must already be on
-    info.device with identical initial weights on every rank (seed before building it). `scaler`: fp16's
-    gradient scaler (ddp only; TrainConfig refuses fp16 with ZeRO)."""
+    info.device with identical initial weights on every rank (seed before building it). `train.grad_accum_steps`
+    is this launch's (the engine's, which keeps the run's global batch). `scaler`: fp16's gradient scaler (ddp
+    only; TrainConfig refuses fp16 with ZeRO). `lr_world_size`: see the module docstring (default: the world
+    size). `load_universal`: ZeRO only, the checkpoint to load was written by another number of processes."""
     if train.strategy == "ddp":
-        return DDPStrategy(model, info, train, optim, scaler)
+        return DDPStrategy(model, info, train, optim, scaler, lr_world_size)
     if scaler is not None:
         raise ValueError(f"train.precision=fp16 needs train.strategy=ddp, not {train.strategy}")
-    return DeepSpeedStrategy(model, info, train, optim, micro_batch_size, bf16)
+    return DeepSpeedStrategy(model, info, train, optim, micro_batch_size, bf16, lr_world_size, load_universal)
 
 
 __all__ = ["DDPStrategy", "DeepSpeedStrategy", "build_strategy"]

@@ -160,7 +160,7 @@ def test_kill_9_of_a_rank_requeues_the_job_and_it_ends_like_an_uninterrupted_run
     assert faults["killed"]["step"] > 20
     # Every step of the run was logged, and the ones computed twice agree with the reference.
     ours, ref = read_metrics(run), read_metrics(runs["straight"])
-    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert sorted(s for s in ours if "loss/total" in ours[s]) == list(range(1, STEPS + 1))
     for step in range(21, STEPS + 1):
         assert ours[step]["loss/total"] == pytest.approx(ref[step]["loss/total"], rel=1e-5), step
 
@@ -169,6 +169,8 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout_with_stacks_and_it_
     runs, jobs, faults = fault_runs
     run, reference = runs["stopped"], _reference(fault_runs)
     ended = faults["stopped"]["ended"]
+    print(f"\nSIGSTOP of rank 1 to the job's requeue: {ended:.1f} s (run.hang_timeout_s={HANG_TIMEOUT_S}); "
+          f"kill -9 of rank 0 to the requeue: {faults['killed']['ended']:.1f} s")
     assert ended < HANG_TIMEOUT_S + HANG_MARGIN_S, (ended, _logs(run))
     assert ended > HANG_TIMEOUT_S - 5  # the watchdog, not something quicker, ended it
     stacks = run / "stacks" / "rank_00000.txt"
@@ -216,7 +218,8 @@ def test_eight_node_job_starts_trains_and_survives_a_requeue(tmp_path, slurm_clu
     assert env["layout"]["world_size"] == 8 and len({r["slurm_node"] for r in env["ranks"]}) == 8
     events = [e["event"] for e in _events(run)]
     assert events.count("requeued") == 1 and events.count("started") == 2 and events[-1] == "completed", events
-    assert sorted(read_metrics(run)) == list(range(1, steps + 1))
+    trained = read_metrics(run)
+    assert sorted(s for s in trained if "loss/total" in trained[s]) == list(range(1, steps + 1))
     import datetime as dt
 
     start_s = dt.datetime.fromisoformat(started).timestamp()
@@ -255,6 +258,7 @@ def test_two_launches_into_one_run_folder_at_once_train_it_once(tmp_path):
     events = [e["event"] for e in record["events"]]
     assert record["state"] == "completed" and "failure" not in events and events.count("started") == 1, events
     assert "was refused" in (run / "logs" / f"{refused[0]}_0_log.err").read_text()  # the teardown: not retried
-    lines = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines == list(range(1, 31))  # one writer: each step once, in order
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # One writer: each training step once, in order (step 0's line holds the start-up scalars, data/bad_chunks).
+    assert [x["step"] for x in lines if "loss/total" in x] == list(range(1, 31))
     assert (run / "log.txt").read_text().count("training complete") == 1

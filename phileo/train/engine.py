@@ -70,7 +70,7 @@ from phileo.train.precision import autocast, grad_scaler, resolve_precision
 from phileo.train.run_recorder import RunStateRecorder
 from phileo.train.stop import Decision, StopPolicy, steps_per_epoch
 from phileo.train.strategy import build_strategy
-from phileo.train.watchdog import HangWatchdog
+from phileo.train.watchdog import HangWatchdog, timeout_note
 
 log = logging.getLogger("phileo.train")
 
@@ -371,6 +371,9 @@ class Trainer:
 
     def _loop(self, data_iter: Iterator, flops: float | None, peak: float | None) -> TrainResult:
         self.throughput = ThroughputWindow(self.world_batch, self.info.world_size, self.info.device, flops, peak)
+        note = timeout_note(self.cfg.run.hang_timeout_s, self.cfg.train.dist_timeout_s)
+        if note and self.info.distributed and self.info.is_main:
+            log.warning(note)
         with HangWatchdog(self.run_dir, self.info.global_rank, self.cfg.run.hang_timeout_s) as watchdog:
             while True:
                 out = self._train_step(data_iter)

@@ -29,6 +29,17 @@ def heartbeat() -> None:
         _active.beat()
 
 
+def timeout_note(hang_timeout_s: float, dist_timeout_s: float) -> str | None:
+    """A warning when the watchdog cannot be the one that ends a hung collective (None when it can): with a
+    process-group timeout no longer than run.hang_timeout_s the collective raises first, so the job still ends
+    and is retried, but without the stacks that say where it hung."""
+    if 0 < dist_timeout_s <= hang_timeout_s:
+        return (f"run.hang_timeout_s={hang_timeout_s:g} is not shorter than train.dist_timeout_s={dist_timeout_s:g}: "
+                f"a hung collective will end in the process-group timeout (an exception; the job is still "
+                f"retried) before the hang watchdog can write every rank's stacks; lower run.hang_timeout_s")
+    return None
+
+
 def stacks_path(run_dir: str | os.PathLike, global_rank: int) -> Path:
     return Path(run_dir) / STACKS_DIR / f"rank_{global_rank:05d}.txt"
 
@@ -85,4 +96,4 @@ class HangWatchdog:
         self.stop()
 
 
-__all__ = ["HangWatchdog", "heartbeat", "stacks_path", "STACKS_DIR"]
+__all__ = ["HangWatchdog", "heartbeat", "stacks_path", "timeout_note", "STACKS_DIR"]

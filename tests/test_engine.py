@@ -292,7 +292,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2"])
 def test_bf16_on_cpu_trains_and_saves_fp32_weights(tmp_path, strategy):
     run = tmp_path / "bf16"
     result = Trainer(toy_config(run, f"train.strategy={strategy}", "train.precision=bf16"), ToyTask()).fit()
@@ -301,5 +301,9 @@ def test_bf16_on_cpu_trains_and_saves_fp32_weights(tmp_path, strategy):
     assert metrics[6]["loss/total"] < metrics[1]["loss/total"]
     weights = ckpt_io.load_model_state(ckpt_io.latest_checkpoint(run))
     assert all(v.dtype == torch.float32 for v in weights.values())
+    if strategy != "ddp":
+        # The fp32 masters (zero1: DeepSpeed's BF16_Optimizer files), not the bf16 working weights cast up.
+        trained = torch.cat([v.flatten() for v in weights.values()])
+        assert not torch.equal(trained, trained.bfloat16().float())
     if strategy == "zero2":
         assert json.loads((run / "deepspeed_config.json").read_text())["bf16"] == {"enabled": True}

@@ -235,8 +235,11 @@ class DeepSpeedStrategy:
 
             # The same routine as DeepSpeed's zero_to_fp32.py script. It leaves out frozen parameters under
             # ZeRO-1 (DeepSpeed saves their shapes only from stage 2 on): the module state fills those in.
-            with _quiet_stdout():
-                masters = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
+            if any((ds_dir / "state").glob(_BF16_ZERO_OPTIM)):
+                masters = bf16_zero_masters(ds_dir / "state")
+            else:
+                with _quiet_stdout():
+                    masters = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
             unknown = sorted(set(masters) - set(module_state))
             if unknown:
                 raise RuntimeError(f"DeepSpeed's checkpoint in {ds_dir} has parameters the model does not: "
@@ -323,6 +326,37 @@ def _to_universal(ds_state: Path, out: Path) -> None:
                               inject_missing_state=True)
     with _quiet_stdout():
         ds_to_universal.main(args)
+
+
+# ZeRO-1 with bf16 weights and fp32 gradient accumulation (our bf16 config) runs DeepSpeed's BF16_Optimizer, whose
+# checkpoint files zero_to_fp32 refuses ("is not a zero checkpoint").
+_BF16_ZERO_OPTIM = "bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt"
+
+
+def bf16_zero_masters(state_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint folder (DeepSpeed's `bf16_zero_*` files): per
+    parameter group, the ranks' flat fp32 partitions joined in rank order (the padding sits at the end), cut
+    into the trained parameters by the shapes the model states file records, in order. Refuses a folder whose
+    partitions are shorter than its parameters."""
+    def rank_of(f: Path) -> int:
+        return int(f.name.split("_pp_rank_")[1].split("_")[0])
+
+    files = sorted(state_dir.glob(_BF16_ZERO_OPTIM), key=rank_of)
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    model_states = next(state_dir.glob("mp_rank_*_model_states.pt"))
+    shapes = torch.load(model_states, map_location="cpu", weights_only=False)["param_shapes"]
+    masters: dict[str, torch.Tensor] = {}
+    for g, group in enumerate(shapes):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][g].float() for p in parts])
+        offset = 0
+        for name, shape in group.items():
+            n = math.prod(shape)
+            if offset + n > flat.numel():
+                raise RuntimeError(f"{state_dir}: the fp32 partitions of parameter group {g} hold {flat.numel()} "
+                                   f"values, fewer than its parameters need ({name} ends at {offset + n})")
+            masters[name] = flat[offset:offset + n].view(tuple(shape)).clone()
+            offset += n
+    return masters
 
 
 @contextlib.contextmanager

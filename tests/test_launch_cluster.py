@@ -309,23 +309,28 @@ def test_local_cluster_runs_the_same_pretraining_without_slurm(tmp_path, shards)
     assert (run / "DONE").exists() and (run / "checkpoints" / "step_00000004" / "model.pt").is_file()
 
 
-def test_plain_pretrain_sbatch_requeues_itself_until_done(tmp_path, shards):
-    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 75, no DONE) is
-    requeued by the batch shell, and the requeued launch finishes the run."""
-    run = tmp_path / "plain run"
+def _plain_pretrain_sbatch(run: Path, env: dict[str, str], overrides: list[str]) -> str:
+    """Submits slurm/pretrain.sbatch on 2 dev-cluster nodes into `run` and waits for it to end; returns the job id."""
     (run / "logs").mkdir(parents=True)
-    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", "MAX_REQUEUES": "2"}
+    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", **env}
     # The script's #SBATCH lines are Leonardo's: the command line replaces what the dev cluster cannot give.
     args = ["--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
             "--mem=0", "--time=10", f"--output={run}/logs/%j.out", f"--chdir={REPO}"]
-    overrides = ["model.name=phileo_cnn_tiny", f"data.root={shards}", "train.steps=4", "data.batch_size=2",
-                 "data.num_workers=0", "optim.warmup_steps=1", "run.image_every_steps=0",
-                 "train.max_steps_per_launch=2"]
     out = subprocess.run(["sbatch", "--parsable", *args, str(REPO / "slurm" / "pretrain.sbatch"), *overrides],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
     wait_for_job_id(job_id, timeout_s=300, poll_s=2)
+    return job_id
+
+
+def test_plain_pretrain_sbatch_requeues_itself_until_done(tmp_path, shards):
+    """slurm/pretrain.sbatch without submitit: a launch that stops early with a checkpoint (exit 75, no DONE) is
+    requeued by the batch shell, and the requeued launch finishes the run."""
+    run = tmp_path / "plain run"
+    job_id = _plain_pretrain_sbatch(run, {"MAX_REQUEUES": "2"}, [
+        "model.name=phileo_cnn_tiny", f"data.root={shards}", "train.steps=4", "data.batch_size=2",
+        "data.num_workers=0", "optim.warmup_steps=1", "run.image_every_steps=0", "train.max_steps_per_launch=2"])
     log = (run / "logs" / f"{job_id}.out").read_text()
     assert "requeueing job" in log and "training finished" in log, log[-3000:]
     assert json.loads((run / "DONE").read_text())["step"] == 4
@@ -374,16 +379,8 @@ def test_plain_pretrain_sbatch_retries_a_failed_step_then_marks_the_run_failed(t
     not there yet: FileNotFoundError on both ranks) is requeued once with MAX_FAILURES=1, fails again, and
     state.json then says failed with the cause; the job is not requeued a second time."""
     run = tmp_path / "plain failing run"
-    (run / "logs").mkdir(parents=True)
-    env = {**os.environ, "RUN_DIR": str(run), "PHILEO_PYTHON": PY, "PHILEO_SETUP": "none", "MAX_FAILURES": "1"}
-    args = ["--partition=debug", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
-            "--mem=0", "--time=10", f"--output={run}/logs/%j.out", f"--chdir={REPO}"]
-    overrides = ["model.name=phileo_cnn_tiny", f"data.root={tmp_path / 'not converted yet'}", "train.steps=4"]
-    out = subprocess.run(["sbatch", "--parsable", *args, str(REPO / "slurm" / "pretrain.sbatch"), *overrides],
-                         capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().split(";")[0]
-    wait_for_job_id(job_id, timeout_s=300, poll_s=2)
+    job_id = _plain_pretrain_sbatch(run, {"MAX_FAILURES": "1"}, [
+        "model.name=phileo_cnn_tiny", f"data.root={tmp_path / 'not converted yet'}", "train.steps=4"])
     log = (run / "logs" / f"{job_id}.out").read_text()
     assert "(restart 1)" in log and "(restart 2)" not in log, log[-3000:]
     state = json.loads((run / "state.json").read_text())

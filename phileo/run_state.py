@@ -12,7 +12,8 @@ launcher before the job exists, then global rank 0 of the job), and read by anyo
       "host": "lrdn0001", "pid": 4242,             # where the writer runs
       "step": 1200, "total_steps": 100000,
       "last_checkpoint": {"step": 1000, "path": "checkpoints/step_00001000", "time": "..."} | null,
-      "requeues": 2, "failures": 0, "max_failures": 3,
+      "requeues": 2, "failures": 0, "max_failures": 3,  # failures: in a row, since the last checkpoint
+      "final": false,                              # a failure the job recorded as not worth a retry
       "reason": null | "one line: why it ended (the error, 'walltime', 'max_failures reached' ...)",
       "started": "...",                            # first start of the run
       "events": [{"time", "event", "job_id", "detail"}, ...]   # the last EVENTS_KEPT transitions
@@ -89,10 +90,41 @@ def update_state(run_dir: str | os.PathLike, state: str | None = None, event: st
     return current
 
 
+def is_retryable(error: BaseException) -> bool:
+    """Whether running the job again from its last checkpoint can help: False when the exception says
+    `retryable = False` (its class or the instance: phileo.config.ConfigError, phileo.run_lock.RunLocked,
+    phileo.data.chunk_format.BadChunkError for a corrupt chunk), True for anything else."""
+    return bool(getattr(error, "retryable", True))
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: message` on one line, at most 300 characters (state.json's `reason`)."""
+    return (f"{type(error).__name__}: {error}".splitlines() or ["?"])[0][:300]
+
+
+def record_final(run_dir: str | os.PathLike, reason: str) -> dict[str, Any]:
+    """A failure that running the job again cannot help, recorded by the job itself (global rank 0): state
+    "failed" with `final` set, which the batch script's failover reads (phileo.launch.failover) and does not
+    retry. A second record of the same start changes nothing."""
+    current = read_state(run_dir) or {}
+    if current.get("state") == "failed" and current.get("final") and failed_since_start(current):
+        return current
+    return update_state(run_dir, "failed", event="failed", detail=reason, reason=reason, final=True)
+
+
+def failed_since_start(state: dict[str, Any]) -> bool:
+    """state.json's last "failed" event comes after the run's last start ("lock" or "started" event)."""
+    events = state.get("events") or []
+    last_failed = max((i for i, e in enumerate(events) if e.get("event") == "failed"), default=-1)
+    last_start = max((i for i, e in enumerate(events) if e.get("event") in ("lock", "started")), default=-1)
+    return last_failed > last_start
+
+
 def record_pending(run_dir: str | os.PathLike, total_steps: int | None = None) -> dict[str, Any]:
-    """The launcher's write just before a submission: the run is queued (a new launch: an earlier end state and
-    reason no longer hold). Written before, not after, so that it never overwrites a job that starts at once."""
-    fields: dict[str, Any] = {"reason": None, "job_id": None}
+    """The launcher's write just before a submission: the run is queued (a new launch: an earlier end state,
+    reason and failure count no longer hold). Written before, not after, so that it never overwrites a job that
+    starts at once."""
+    fields: dict[str, Any] = {"reason": None, "job_id": None, "failures": 0, "final": False}
     if total_steps is not None:
         fields["total_steps"] = int(total_steps)
     return update_state(run_dir, "pending", event="submitted", **fields)
@@ -105,5 +137,5 @@ def record_job_id(run_dir: str | os.PathLike, job_id: str) -> None:
         update_state(run_dir, job_id=str(job_id))
 
 
-__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "slurm_job_id", "read_state", "update_state", "record_pending", "record_job_id",
-           "now_iso"]
+__all__ = ["STATE_FILE", "STATES", "TERMINAL_STATES", "slurm_job_id", "read_state", "update_state", "record_pending",
+           "record_job_id", "record_final", "failed_since_start", "is_retryable", "one_line", "now_iso"]

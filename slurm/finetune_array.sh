@@ -56,6 +56,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE NODE_RANK MASTER_ADDR MASTER_PORT
 # Without it srun gives each task one CPU and the DataLoader workers share it.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+# A failed step is retried by phileo.launch.failover below, after srun: the ranks leave it to it.
+export PHILEO_FAILOVER=1
 export HF_HUB_OFFLINE=1
 # The first task records this array in the sweep folder (arrays/<id>.json) for phileo-status and re-submission.
 export PHILEO_SWEEP_LAUNCHER=finetune_array.sh

@@ -241,6 +241,10 @@ def test_a_missing_or_unreadable_chunk_and_standalone_verification(shards, monke
         patch.setattr(manifest_mod, "checksum_matches", eio)
         assert integrity.find_bad_chunks(m) == {0: "unreadable (OSError: [Errno 5] Input/output error)",
                                                 3: "missing"}
+        # Only an I/O error: a later start may read it (a file server failing over), so the job is retried;
+        # a missing or changed file is final.
+        assert integrity.bad_chunk_error(m, integrity.find_bad_chunks(m, m.chunks[:1])).retryable
+        assert not integrity.bad_chunk_error(m, integrity.find_bad_chunks(m)).retryable
     assert integrity.find_bad_chunks(m, m.chunks[:3]) == {}
     # PretrainDataset on its own verifies its node's chunks when asked (the trainer does it for a job).
     node = next(n for n in range(2) if 3 in {c.index for c in m.assign(2)[n]})

@@ -295,14 +295,20 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, strategy):
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2"])
 def test_bf16_on_cpu_trains_and_saves_fp32_weights(tmp_path, strategy):
     run = tmp_path / "bf16"
-    result = Trainer(toy_config(run, f"train.strategy={strategy}", "train.precision=bf16"), ToyTask()).fit()
+    trainer = Trainer(toy_config(run, f"train.strategy={strategy}", "train.precision=bf16"), ToyTask())
+    result = trainer.fit()
     assert result.status == "completed" and math.isfinite(result.final_loss)
     metrics = read_metrics(run)
     assert metrics[6]["loss/total"] < metrics[1]["loss/total"]
     weights = ckpt_io.load_model_state(ckpt_io.latest_checkpoint(run))
     assert all(v.dtype == torch.float32 for v in weights.values())
     if strategy != "ddp":
-        # The fp32 masters (zero1: DeepSpeed's BF16_Optimizer files), not the bf16 working weights cast up.
+        # The fp32 masters (zero1: joined from DeepSpeed's BF16_Optimizer files), each under its own name: cast
+        # to bf16 they are the working weights the model trains with, yet they hold more than bf16 does.
+        live = {k: v.detach() for k, v in trainer.model.named_parameters()}
+        assert all(v.dtype == torch.bfloat16 for v in live.values())
+        for name, w in live.items():
+            assert torch.equal(weights[name].bfloat16(), w), name
         trained = torch.cat([v.flatten() for v in weights.values()])
         assert not torch.equal(trained, trained.bfloat16().float())
     if strategy == "zero2":

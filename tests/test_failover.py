@@ -20,7 +20,7 @@ from phileo.data.chunk_format import BadChunkError, ChunkReadError
 from phileo.launch import failover
 from phileo.launch.jobs import RequeueRefused
 from phileo.launch.submit import rank_log_cause
-from phileo.run_state import read_state, update_state
+from phileo.run_state import is_retryable, read_state, record_final, record_pending, update_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,10 @@ def _run(tmp_path: Path) -> Path:
 
 
 def _checkpoint(run: Path, step: int) -> None:
-    update_state(run, last_checkpoint={"step": step, "path": f"checkpoints/step_{step:08d}", "time": "t"})
+    """What the engine records when it has saved a checkpoint."""
+    from phileo.train.run_recorder import RunStateRecorder
+
+    RunStateRecorder(run, enabled=True).checkpoint(step, run / "checkpoints" / f"step_{step:08d}")
 
 
 def test_failures_in_a_row_are_retried_then_the_run_fails_and_progress_restarts_the_count(tmp_path):
@@ -55,8 +58,24 @@ def test_failures_in_a_row_are_retried_then_the_run_fails_and_progress_restarts_
     assert (d.action, d.failures) == ("final", 3) and len(requeued) == 4
     state = read_state(run)
     assert state["state"] == "failed" and state["failures"] == 3
-    assert state["reason"] == ("failed 3 time(s) in a row without a new checkpoint (max_failures=2); last: "
-                               "ValueError: x")
+    assert state["reason"] == (f"failed 3 time(s) in a row since the last checkpoint (retried 2 times, "
+                               f"--max-failures); last: ValueError: x. Fix the cause (see {run / 'logs'} and "
+                               f"log.txt), then resubmit with --resume {run}")
+    # A new submission starts the count afresh.
+    record_pending(run)
+    assert read_state(run)["failures"] == 0
+    assert failover.handle_failure(run, 1, 2, None, retry, job_id="77").action == "retry"
+
+
+def test_a_start_that_asked_for_its_own_requeue_is_left_alone_whatever_srun_says(tmp_path):
+    """Preempted: rank 0 recorded "requeued" and asked for it; srun's status may still be non-zero (the other
+    ranks were ended by --kill-on-bad-exit). That is no failure. The same event from an earlier start is."""
+    run = _run(tmp_path)
+    t0 = time.time()
+    update_state(run, "requeued", event="requeued", detail="at step 40")
+    never = lambda: pytest.fail("requeued twice")  # noqa: E731
+    assert failover.handle_failure(run, 137, 3, None, never, job_id="77", since=t0 - 5).action == "none"
+    assert failover.handle_failure(run, 137, 3, None, lambda: None, job_id="77", since=t0 + 60).action == "retry"
 
 
 @pytest.mark.parametrize("code", [exit_codes.OK, exit_codes.PREEMPTED])
@@ -70,19 +89,23 @@ def test_what_a_retry_cannot_help_is_not_retried(tmp_path):
     run = _run(tmp_path)
     never = lambda: pytest.fail("requeued")  # noqa: E731
     # The job recorded its own failure as final (a bad config, a corrupt chunk under on_bad_chunk=stop).
-    failover.record_final(run, ConfigError("data.root is not set"))
+    record_final(run, "ConfigError: data.root is not set")
     d = failover.handle_failure(run, 1, 3, "whatever the logs say", never, job_id="77")
     assert d.action == "final" and d.reason == "ConfigError: data.root is not set"
     assert read_state(run)["failures"] == 0
     # A new start of the run makes that record old: a failure after it counts again.
     update_state(run, "running", event="started")
     assert failover.handle_failure(run, 1, 3, None, lambda: None, job_id="77").action == "retry"
-    # The entry point refused its command line (exit 2): nothing ran, nothing to retry.
+    # The entry point refused its command line (exit 2): nothing ran, nothing to retry; the run says so.
+    update_state(run, "running", event="started")
     assert failover.handle_failure(run, exit_codes.REFUSED, 3, None, never, job_id="77").action == "final"
-    assert not failover.is_retryable(ConfigError("x")) and not failover.is_retryable(run_lock.RunLocked("x"))
-    assert not failover.is_retryable(BadChunkError("chunk_00003.h5 does not match its checksum"))
-    assert failover.is_retryable(RuntimeError("gloo: connection closed by peer"))
-    assert failover.is_retryable(ChunkReadError("HDF5 filter returned failure reading cell 12U_45R"))
+    state = read_state(run)
+    assert state["state"] == "failed" and state["final"] and "exit status 2" in state["reason"]
+    assert not is_retryable(ConfigError("x")) and not is_retryable(run_lock.RunLocked("x"))
+    assert not is_retryable(BadChunkError("chunk_00003.h5 does not match its checksum"))
+    assert is_retryable(BadChunkError("chunk_00003.h5 unreadable (OSError: ...)", retryable=True))
+    assert is_retryable(RuntimeError("gloo: connection closed by peer"))
+    assert is_retryable(ChunkReadError("HDF5 filter returned failure reading cell 12U_45R"))
 
 
 def test_a_run_held_by_another_live_writer_is_left_alone(tmp_path):

@@ -387,4 +387,28 @@ def test_plain_pretrain_sbatch_retries_a_failed_step_then_marks_the_run_failed(t
     assert state["state"] == "failed" and state["failures"] == 2, state
     assert [e["event"] for e in state["events"]].count("failure") == 1
     assert "FileNotFoundError" in state["reason"] and "not converted yet" in state["reason"], state["reason"]
-    assert state["reason"].startswith("failed 2 time(s) in a row without a new checkpoint (max_failures=1)")
+    assert state["reason"].startswith("failed 2 time(s) in a row since the last checkpoint (retried 1 times")
+
+
+def test_plain_pretrain_sbatch_does_not_retry_a_corrupt_chunk(tmp_path):
+    """A failure a retry cannot help, through the plain script: 64 bytes flipped in a chunk stop every rank at
+    start (BadChunkError); the engine records the failure as final and the script's failover does not requeue."""
+    from phileo.data import load_manifest
+    from phileo.data.synthetic import make_pretrain_shards
+
+    shards = make_pretrain_shards(tmp_path / "data", n_cells=8, nodes=2)
+    manifest = load_manifest(shards)
+    chunk = manifest.chunk_path(manifest.chunks[0])
+    raw = bytearray(chunk.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    chunk.write_bytes(bytes(raw))
+    run = tmp_path / "plain corrupt run"
+    job_id = _plain_pretrain_sbatch(run, {"MAX_FAILURES": "3"}, [
+        "model.name=phileo_cnn_tiny", f"data.root={shards}", "train.steps=4", "data.batch_size=2",
+        "data.num_workers=0"])
+    log = (run / "logs" / f"{job_id}.out").read_text()
+    assert "(restart 1)" not in log and "is not retried" in log, log[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "failed" and state["final"] and "failure" not in [e["event"] for e in state["events"]]
+    assert state["reason"].startswith("BadChunkError") and chunk.name in state["reason"], state["reason"]

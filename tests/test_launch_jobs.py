@@ -259,6 +259,7 @@ def test_a_failure_is_retried_up_to_max_failures_then_the_run_says_failed(tmp_pa
     assert len(list(runs["retried"][0].glob("start_rank0_*.json"))) == 3
     record = json.loads((runs["gives_up"][0] / "state.json").read_text())
     assert record["state"] == "failed" and record["failures"] == 2
-    assert record["reason"] == ("failed 2 time(s) in a row without a new checkpoint (max_failures=1); last: "
-                                "RuntimeError: injected failure at start 1")
+    assert record["reason"].startswith("failed 2 time(s) in a row since the last checkpoint (retried 1 times, "
+                                       "--max-failures); last: RuntimeError: injected failure at start 1. Fix the "
+                                       "cause")
     assert len(list(runs["gives_up"][0].glob("start_rank0_*.json"))) == 2

@@ -222,14 +222,15 @@ class BadChunkError(ValueError):
     repair the set (phileo.data.integrity.bad_chunk_error writes it); `paths` are the chunks' paths as the
     manifest records them."""
 
-    retryable = False  # the same bytes fail again: no retry of the job (phileo.launch.failover)
-
-    def __init__(self, message: str, paths: tuple[str, ...] = ()):
+    def __init__(self, message: str, paths: tuple[str, ...] = (), retryable: bool = False):
         super().__init__(message)
         self.paths = tuple(paths)
+        # The same bytes fail again: no retry of the job (phileo.launch.failover). True when every chunk was only
+        # unreadable (an I/O error, e.g. a file server failing over), which a later start may not meet.
+        self.retryable = retryable
 
     def __reduce__(self):  # keeps `paths` across processes (DataLoader workers, object collectives)
-        return type(self), (str(self), self.paths)
+        return type(self), (str(self), self.paths, self.retryable)
 
 
 class ChunkReadError(OSError):

@@ -160,8 +160,10 @@ def bad_chunk_error(manifest: Manifest, bad: Mapping[int, str], training: bool =
             f"cannot be trusted" + (" (training stopped before its first step)" if training else "") + ":")
     tail = ("\nOr train without them: data.on_bad_chunk=skip leaves their cells out (counted in log.txt and as "
             "data/bad_chunks in TensorBoard)." if training else "")
+    # Only I/O errors (no size or checksum that differs): the file may read at the next start.
+    io_only = all(problem.startswith("unreadable") for problem in bad.values())
     return BadChunkError(f"{head}\n{describe_bad_chunks(manifest, bad)}\n{repair_text(manifest, chunks)}{tail}",
-                         tuple(c.path for c in chunks))
+                         tuple(c.path for c in chunks), retryable=io_only)
 
 
 def chunk_read_error(manifest: Manifest, chunk: ChunkInfo, error: BaseException, grid_cell: str | None = None,

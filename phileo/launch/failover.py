@@ -16,13 +16,15 @@ into that folder), a failure the job recorded as final in state.json itself (an 
 `retryable = False`: a bad config, a corrupt chunk under data.on_bad_chunk=stop; a retry cannot help), and exit
 status 2 (REFUSED: the entry point refused its command line or config; nothing ran).
 
-Anything else is counted in the run's state.json: `failures` is the number of failures in a row without a new
-checkpoint (a failure after the run saved a newer checkpoint than at the previous failure starts the count at 1
-again, so a weeks-long campaign is not ended by three unrelated node faults, while a crash loop stops at once).
-While failures <= max_failures the job is requeued (state "requeued", the cause in `reason`); then state.json says
-"failed" with the reason, and the job stays ended. The cause is read from what this start left: the hang
-watchdog's stacks (RUN/stacks/ files written since the job started), else the job's rank logs since submitit's
-last "Starting with" line (phileo.launch.submit.rank_log_cause), else the exit status.
+Anything else is counted in the run's state.json: `failures` is the number of failures in a row since the last
+checkpoint (every checkpoint, and every new submission, sets it back to 0: a weeks-long campaign is not ended by
+three unrelated node faults, while a crash loop stops at once). The job is requeued (state "requeued", the cause
+in `reason`) while failures <= max_failures, so a run is retried up to max_failures times; then state.json says
+"failed" with the reason and what to do, and the job stays ended. The cause is read from what this start left:
+the hang watchdog's stacks (RUN/stacks/ files written since the job started), else the job's rank logs written
+since it started, from their last start line on (phileo.launch.submit.rank_log_cause), else the exit status.
+A start whose rank 0 asked for its own requeue (a preemption; state.json's last event "requeued") is left alone,
+whatever srun's status says. A state.json that cannot be written (a full disk) does not stop the decision.
 
     python -m phileo.launch.failover --exit-code RC --submitit-folder RUN/logs          (generated jobs)
     python -m phileo.launch.failover --exit-code RC --run-dir RUN [--max-failures 3]  (plain sbatch scripts)
@@ -40,20 +42,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from phileo import exit_codes, run_lock
-from phileo.run_state import read_state, slurm_job_id, update_state
+from phileo.run_state import (failed_since_start, read_state, record_final, slurm_job_id,
+                              update_state)
 
 STACKS_DIR = "stacks"  # phileo.train.watchdog.STACKS_DIR (not imported: this module runs without torch)
-
-
-def is_retryable(error: BaseException) -> bool:
-    """Whether a retry from the last checkpoint can help: False for exceptions whose class says
-    `retryable = False` (phileo.config.ConfigError, phileo.run_lock.RunLocked, phileo.data.chunk_format.BadChunkError)."""
-    return bool(getattr(type(error), "retryable", True))
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: message` on one line, at most 300 characters (the `reason` of state.json)."""
-    return (f"{type(error).__name__}: {error}".splitlines() or ["?"])[0][:300]
 
 
 @dataclass
@@ -67,65 +59,78 @@ class Decision:
     reason: str
 
 
-def record_final(run_dir: Path, error: BaseException) -> None:
-    """The job's own record of a failure that a retry cannot help (global rank 0): state "failed", final."""
-    reason = one_line(error)
-    update_state(run_dir, "failed", event="failed", detail=reason, reason=reason, final=True)
+def _write(run_dir: Path, *args: Any, **fields: Any) -> None:
+    """update_state that never stops the decision: a full disk is said in the job's log, and the job is still
+    requeued (or left ended) as decided."""
+    try:
+        update_state(run_dir, *args, **fields)
+    except (OSError, ValueError) as e:
+        print(f"[phileo.failover] could not update {run_dir / 'state.json'}: {e}", file=sys.stderr, flush=True)
 
 
 def handle_failure(run_dir: Optional[Path], exit_code: int, max_failures: int, reason: Optional[str],
-                   requeue: Callable[[], None], job_id: Optional[str] = None) -> Decision:
+                   requeue: Callable[[], None], job_id: Optional[str] = None,
+                   since: Optional[float] = None) -> Decision:
     """Decides about one failed launch of the run in `run_dir` (see the module docstring) and acts: records it
     in state.json and calls `requeue()` (which may end this process: the local executor's requeue does) when a
     failure is left. `reason`: the cause found, or None (then the exit status is named). `job_id`: this job
-    (its own run.lock is not another writer's). A run without a folder (run_dir None) is never retried.
-    Returns the Decision."""
+    (its own run.lock is not another writer's). `since`: when this start of the job began (POSIX time; None:
+    unknown), to tell its own events from an earlier start's. A run without a folder (run_dir None) is never
+    retried. Returns the Decision."""
     if exit_code in (exit_codes.OK, exit_codes.PREEMPTED):
         return Decision("none", 0, "")
     why = reason or f"the job step ended with exit status {exit_code}"
     if run_dir is None or not Path(run_dir).is_dir():
         return Decision("final", 0, why)
-    if exit_code == exit_codes.REFUSED:  # a bad command line or config: nothing ran, a retry would repeat it
-        return Decision("final", 0, reason or "the job refused its command line or config (exit status 2)")
     run_dir = Path(run_dir)
     owner = run_lock.read_lock(run_dir)
-    if owner and run_lock.holder_status(owner, {**run_lock.this_owner(), "job_id": job_id}) in ("live", "unknown"):
+    # "unknown" (squeue did not answer) is retried: the requeued job checks the lock again at its start.
+    if owner and run_lock.holder_status(owner, {**run_lock.this_owner(), "job_id": job_id}) == "live":
         return Decision("refused", 0, f"{run_dir} is in use by {run_lock.describe(owner)}")
     try:
         state = read_state(run_dir) or {}
     except ValueError:
         state = {}
-    if state.get("state") == "failed" and state.get("final") and _recorded_by_this_start(state, job_id):
+    events = state.get("events") or []
+    if events and events[-1].get("event") == "requeued" and _at_or_after(events[-1].get("time"), since):
+        return Decision("none", 0, "")  # rank 0 of this start asked for the requeue itself (preempted)
+    if state.get("state") == "failed" and state.get("final") and failed_since_start(state):
         return Decision("final", int(state.get("failures") or 0), str(state.get("reason") or why))
-    checkpoint = int((state.get("last_checkpoint") or {}).get("step") or 0)
-    progressed = checkpoint > int(state.get("failure_checkpoint") or 0)
-    failures = 1 if progressed or not state.get("failures") else int(state["failures"]) + 1
-    fields = dict(failures=failures, max_failures=max_failures, failure_checkpoint=checkpoint, final=False)
+    if exit_code == exit_codes.REFUSED:  # a bad command line or config: nothing ran, a retry would repeat it
+        why = reason or "the job refused its command line or config (exit status 2): see its log"
+        try:
+            record_final(run_dir, why)
+        except (OSError, ValueError) as e:
+            print(f"[phileo.failover] could not update {run_dir / 'state.json'}: {e}", file=sys.stderr)
+        return Decision("final", int(state.get("failures") or 0), why)
+    failures = int(state.get("failures") or 0) + 1
+    fields = dict(failures=failures, max_failures=max_failures, final=False)
     if failures > max_failures:
-        final = (f"failed {failures} time(s) in a row without a new checkpoint (max_failures={max_failures}); "
-                 f"last: {why}")
-        update_state(run_dir, "failed", event="failed", detail=why, reason=final[:500], **fields)
+        final = (f"failed {failures} time(s) in a row since the last checkpoint (retried {max_failures} times, "
+                 f"--max-failures); last: {why}. Fix the cause (see {run_dir / 'logs'} and log.txt), then "
+                 f"resubmit with --resume {run_dir}")
+        _write(run_dir, "failed", event="failed", detail=why, reason=final[:700], **fields)
         return Decision("final", failures, final)
-    update_state(run_dir, "requeued", event="failure", detail=why, reason=why[:500], **fields)
-    print(f"[phileo.failover] {why}; retrying from the last good checkpoint ({failures}/{max_failures} failures "
+    _write(run_dir, "requeued", event="failure", detail=why, reason=why[:500], **fields)
+    print(f"[phileo.failover] {why}; retrying from the last good checkpoint ({failures}/{max_failures} retries "
           f"in a row)", file=sys.stderr, flush=True)
     try:
         requeue()
     except RuntimeError as e:  # RequeueRefused: the scheduler said no (the job was cancelled); the run stops here
-        update_state(run_dir, "failed", event="failed", detail=f"requeue refused: {e}",
-                     reason=f"{why}; the retry was refused: {e}"[:500], **fields)
+        _write(run_dir, "failed", event="failed", detail=f"requeue refused: {e}",
+               reason=f"{why}; the retry was refused: {e}"[:500], **fields)
         return Decision("final", failures, f"{why}; the retry was refused: {e}")
     return Decision("retry", failures, why)
 
 
-def _recorded_by_this_start(state: dict[str, Any], job_id: Optional[str]) -> bool:
-    """The state's last "failed" event comes after the last start (and is of this job, when both are known)."""
-    events = state.get("events") or []
-    last_failed = max((i for i, e in enumerate(events) if e.get("event") == "failed"), default=-1)
-    last_start = max((i for i, e in enumerate(events) if e.get("event") in ("lock", "started")), default=-1)
-    if last_failed < last_start:
-        return False
-    return job_id is None or state.get("job_id") in (None, job_id)
+def _at_or_after(iso: Optional[str], since: Optional[float]) -> bool:
+    """An event's ISO time is not before `since` (True when either is unknown)."""
+    if not iso or since is None:
+        return True
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp() >= since - 1
+    except ValueError:
+        return True
 
 
 # ------------------------------------------------------------------------------------------ the cause
@@ -135,7 +140,14 @@ def job_record(job_id: str) -> dict[str, str]:
         out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+    record: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key = line.strip().split("=", 1)[0]
+        if key in ("StdErr", "StdOut", "StdIn", "WorkDir", "Command"):  # a path, alone on its line: spaces kept
+            record[key] = line.strip().split("=", 1)[1]
+        else:
+            record.update(word.split("=", 1) for word in line.split() if "=" in word)
+    return record
 
 
 def started_at(record: dict[str, str]) -> Optional[float]:
@@ -169,12 +181,13 @@ def find_cause(run_dir: Optional[Path], log_dir: Optional[Path], job_id: str,
     else the batch script's own output files (scontrol's StdErr/StdOut: srun's "task 1: Killed" lands there)."""
     from phileo.launch.submit import log_cause, rank_log_cause
 
-    cause = hang_cause(run_dir, started_at(record)) if run_dir is not None else None
+    since = started_at(record)
+    cause = hang_cause(run_dir, since) if run_dir is not None else None
     if cause is None and log_dir is not None and Path(log_dir).is_dir():
-        cause = rank_log_cause(log_dir, job_id=job_id)
+        cause = rank_log_cause(log_dir, job_id=job_id, since=since)
     if cause is None:
         own = [Path(record[k]) for k in ("StdErr", "StdOut") if record.get(k)]
-        cause = log_cause(dict.fromkeys(own), last_start_only=True)
+        cause = log_cause(dict.fromkeys(own), last_start_only=True, since=since)
     return cause
 
 
@@ -221,9 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log_dir = run_dir / "logs"
     from phileo.launch.jobs import request_requeue
 
-    reason = find_cause(run_dir, log_dir, job_id, job_record(job_id))
+    record = job_record(job_id)
+    reason = find_cause(run_dir, log_dir, job_id, record)
     decision = handle_failure(run_dir, args.exit_code, max_failures, reason,
-                              requeue=lambda: request_requeue("slurm", job_id), job_id=job_id)
+                              requeue=lambda: request_requeue("slurm", job_id), job_id=job_id,
+                              since=started_at(record))
     if decision.action == "final":
         print(f"[phileo.failover] job {job_id} failed and is not retried: {decision.reason}", file=sys.stderr)
     elif decision.action == "refused":

@@ -49,6 +49,9 @@ from phileo import exit_codes
 from phileo.fsutil import atomic_path
 
 PREEMPTED = "preempted"
+# Set (to "1") by every batch script whose teardown runs phileo.launch.failover after srun: the ranks then leave a
+# failure's retry to it.
+FAILOVER_VARIABLE = "PHILEO_FAILOVER"
 
 # The variables of an srun step this process may have been started inside (`srun --pty bash`, then a local
 # launch): they describe that outer step, not the local tasks, and would otherwise place them (phileo.train.dist).
@@ -248,6 +251,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         if env.cluster == "local":
             export_local_rank_env(env)
+        # A result an earlier start of this job left (an exception that was then retried) is not this start's:
+        # a waiting launcher must not read it while the retry runs.
+        env.paths.result_pickle.unlink(missing_ok=True)
         try:
             result = self.kind.call(self.payload)
         except Exception as e:
@@ -293,21 +299,24 @@ class TrainingJob(submitit.helpers.Checkpointable):
         """An exception ends this rank (phileo.launch.failover has the rules). One that a retry cannot help
         (`retryable = False`: a bad config, a corrupt chunk) is recorded as final in state.json by global rank 0,
         except a refusal by another live writer's run.lock, which writes nothing into that run. Anything else is
-        retried from the last good checkpoint: on SLURM by the batch script after the step (so that it is
-        counted once, and the same way as a rank killed by -9), locally here, by global rank 0."""
+        retried from the last good checkpoint: on SLURM by the batch script's teardown after the step (so that it
+        is counted once, and the same way as a rank killed by -9), elsewhere here, by global rank 0. A batch
+        script without the teardown (PHILEO_FAILOVER unset: written before it existed, still in the queue) gets
+        the retry from here too."""
         from phileo.launch import failover
         from phileo.run_lock import RunLocked
+        from phileo.run_state import is_retryable, one_line, record_final
 
         run_dir = self.run_dir
         if env.global_rank != 0 or run_dir is None or not run_dir.is_dir():
             return
-        if not failover.is_retryable(error):
+        if not is_retryable(error):
             if not isinstance(error, RunLocked):
-                failover.record_final(run_dir, error)
+                record_final(run_dir, one_line(error))
             return
-        if env.cluster == "slurm":
+        if env.cluster == "slurm" and os.environ.get(FAILOVER_VARIABLE) == "1":
             return
-        decision = failover.handle_failure(run_dir, exit_codes.FAILED, self.max_failures, failover.one_line(error),
+        decision = failover.handle_failure(run_dir, exit_codes.FAILED, self.max_failures, one_line(error),
                                            requeue=lambda: request_requeue(env.cluster, env.job_id))
         if decision.action == "final":
             print(f"[phileo.launch] job {env.job_id} failed and is not retried: {decision.reason}",
@@ -320,4 +329,4 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
 
 __all__ = ["JobKind", "JOB_KINDS", "job_kind", "TrainingJob", "run_command", "request_requeue", "RequeueRefused",
-           "save_resubmission", "export_local_rank_env", "PREEMPTED"]
+           "save_resubmission", "export_local_rank_env", "PREEMPTED", "FAILOVER_VARIABLE"]

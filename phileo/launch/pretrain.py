@@ -26,7 +26,7 @@ from phileo.launch import cli
 from phileo.launch.jobs import TrainingJob
 from phileo.launch.preflight import PreflightReport, check_model, preflight
 from phileo.launch.resources import job_cost
-from phileo.run_state import record_job_id, record_pending
+from phileo.run_state import read_state, record_job_id, record_pending
 from phileo.launch.submit import (make_plan, prepare_run_dir, rank_log_cause, read_launch_record, read_task_result,
                                   resolve_cluster, check_local_request, submit, update_launch_record, wait_for)
 
@@ -201,7 +201,13 @@ def wait_and_report(job: Any, run_dir: Path, timeout_s: Optional[float] = None) 
         progress.close()
     outcome = read_task_result(job, 0)
     if outcome is None:
-        cause = rank_log_cause(run_dir / "logs")
+        # The failover's verdict when it gave up (state.json), else what this job's own rank logs say.
+        try:
+            state = read_state(run_dir) or {}
+        except ValueError:
+            state = {}
+        cause = state.get("reason") if state.get("state") == "failed" else None
+        cause = cause or rank_log_cause(run_dir / "logs", job_id=str(job.job_id))
         print(f"job {job.job_id} ended without a result from rank 0: "
               f"{cause or 'killed, out of memory, or cancelled (nothing telling in the rank logs)'}; "
               f"see {run_dir / 'logs'}", file=sys.stderr)

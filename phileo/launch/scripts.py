@@ -72,6 +72,12 @@ def setup_lines(site: SiteProfile, extra_env: Optional[dict[str, str]] = None) -
     return lines
 
 
+# With the teardown: the ranks leave a failure's retry to it (phileo.launch.jobs.FAILOVER_VARIABLE), and every start
+# of the job says so in its log, where the failover's search for this start's cause begins.
+FAILOVER_SETUP = ['export PHILEO_FAILOVER=1',
+                  'echo "[phileo] job $SLURM_JOB_ID starts on $(hostname) (restart ${SLURM_RESTART_COUNT:-0})" >&2']
+
+
 def failover_lines(folder: str | os.PathLike, python: Optional[str] = None) -> list[str]:
     """The batch script's teardown: srun's exit status goes to phileo.launch.failover, which retries a failed step
     (a rank killed by -9 or out of memory, the hang watchdog's exit, an exception) from the last good checkpoint
@@ -120,6 +126,8 @@ def slurm_parameters(site: SiteProfile, res: JobResources, *, extra_env: Optiona
         "additional_parameters": {"requeue": True} if requeue else {},
         "teardown": failover_lines(folder, python) if folder is not None and requeue else None,
     }
+    if params["teardown"] is not None:
+        params["setup"] = params["setup"] + FAILOVER_SETUP
     if dependency:
         # Without it a job whose dependency failed stays pending forever ("DependencyNeverSatisfied").
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"

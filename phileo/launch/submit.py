@@ -225,23 +225,28 @@ _CAUSES = ("No space left on device", "Timeout (", "RunLocked", "CUDA out of mem
 START_MARKERS = ("Starting with JobEnvironment", "(restart ")
 
 
-def rank_log_cause(log_dir: Path, max_lines: int = 3, job_id: Optional[str] = None) -> Optional[str]:
+def rank_log_cause(log_dir: Path, max_lines: int = 3, job_id: Optional[str] = None,
+                   since: Optional[float] = None) -> Optional[str]:
     """The lines of the job's rank logs (every file under `log_dir`, read whole, not a tail) that say why it
     ended: a full disk, the hang watchdog's "Timeout", an OOM, a kill, else the last exception line. With
     `job_id`, only that job's files ("<job_id>_<rank>_log.*", or the plain scripts' "<job_id>.out") and in each
     only what its last start wrote (after the last START_MARKERS line), so an earlier start's cause is not
-    reported again. None when nothing telling is found."""
+    reported again; `since` (a POSIX time: when this start began) leaves out files not written since. None
+    when nothing telling is found."""
     files = sorted(Path(log_dir).glob(f"{job_id}[._]*" if job_id else "**/*"))
-    return log_cause(files, max_lines, last_start_only=job_id is not None)
+    return log_cause(files, max_lines, last_start_only=job_id is not None, since=since)
 
 
-def log_cause(files: Iterable[Path], max_lines: int = 3, last_start_only: bool = False) -> Optional[str]:
+def log_cause(files: Iterable[Path], max_lines: int = 3, last_start_only: bool = False,
+              since: Optional[float] = None) -> Optional[str]:
     """rank_log_cause over given log files (.out .err .txt .log)."""
     hits: list[tuple[int, str]] = []
     for f in files:
         if not f.is_file() or f.suffix not in (".out", ".err", ".txt", ".log"):
             continue
         try:
+            if since is not None and f.stat().st_mtime < since - 1:
+                continue  # a rank that wrote nothing in this start: its file is an earlier start's
             lines = f.read_text(errors="replace").splitlines()
         except OSError:
             continue

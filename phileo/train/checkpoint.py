@@ -37,6 +37,7 @@ import torch
 from phileo.fsutil import (DiskFullError, atomic_path, atomic_write_json, file_digest, is_disk_full,
                            make_group_readable, read_json)
 from phileo.train import dist
+from phileo.train.watchdog import heartbeat
 
 CHECKPOINTS = "checkpoints"
 DONE = "DONE"
@@ -440,10 +441,12 @@ class CheckpointManager:
         dist.barrier()
         try:
             strategy.save(tmp, payload)
+            heartbeat()  # a long save on a slow file system is progress, not a hang (phileo.train.watchdog)
             save_file(rank_state, rank_state_path(tmp, self.info.global_rank))
             if self.info.is_main:
                 save_file(trainer_state, tmp / TRAINER_FILE)
             fsync_tree(tmp)
+            heartbeat()
         except Exception as e:
             if not is_disk_full(e):
                 raise
@@ -453,6 +456,7 @@ class CheckpointManager:
         if self.info.is_main:
             try:
                 write_manifest(tmp, step)
+                heartbeat()
             except DiskFullError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise self._disk_full(tmp) from e

@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 from phileo import run_lock
 from phileo.config import ConfigError, save_config, to_dict
 from phileo.fsutil import atomic_write_json, make_group_readable
-from phileo.run_state import update_state
+from phileo.run_state import is_retryable, update_state
 from phileo.train import dist
 from phileo.train.checkpoint import CheckpointManager, capture_rng_state, checkpoint_step, restore_rng_state
 from phileo.train.evaluate import EvaluationInterrupted, Evaluator
@@ -304,11 +304,14 @@ class Trainer:
                     return self._test(result) if result.status == "completed" and self.task.has_test else result
                 except ConfigError as e:  # a refusal that says what to do: into log.txt without a traceback
                     log.error("%s", e)
+                    self.state.final_failure(e)
                     raise
-                except Exception:
+                except Exception as e:
                     # Into log.txt too (rank 0), not just the job's stderr; the exception still ends this rank.
                     log.exception("training failed on global rank %d at step %d", self.info.global_rank,
                                   self.step + 1)
+                    if not is_retryable(e):  # a corrupt chunk: a retry would fail on the same bytes
+                        self.state.final_failure(e)
                     raise
                 finally:
                     self.stop.restore()

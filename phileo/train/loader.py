@@ -151,8 +151,8 @@ class DataLayout:
             raise ConfigError(
                 f"the run's global batch of {self.describe()} cannot be kept on {world_size} processes: its "
                 f"{n} micro-batches per step do not divide among them. Resume on a process count that divides "
-                f"{n} ({', '.join(map(str, self.valid_world_sizes()))}), or start a new run.dir initialised from "
-                f"the checkpoint's model.pt for another global batch")
+                f"{n} ({', '.join(map(str, self.valid_world_sizes()))}); another global batch needs a new run.dir "
+                f"(a fine-tuning can start from this checkpoint's model.pt with model.init)")
         return n // world_size
 
     def slots(self, data_rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -244,7 +244,7 @@ def plan_resume(fresh: DataLayout, world_size: int, checkpoint: Mapping[str, Any
             f"data.batch_size={fresh.micro_batch}, but this run was started with {layout.micro_batch} per "
             f"micro-batch (global batch {layout.describe()}); the global batch and sample order belong to the "
             f"run: set data.batch_size={layout.micro_batch} (train.grad_accum_steps adapts to the number of "
-            f"processes), or start a new run.dir initialised from the checkpoint's model.pt")
+            f"processes); another global batch needs a new run.dir")
     accum = layout.accum_for(world_size)
     asked = fresh.grad_accum
     allowed = {layout.grad_accum, accum, int(checkpoint.get("grad_accum_steps") or layout.grad_accum)}
@@ -252,8 +252,7 @@ def plan_resume(fresh: DataLayout, world_size: int, checkpoint: Mapping[str, Any
         raise ConfigError(
             f"train.grad_accum_steps={asked} would change this run's global batch of {layout.describe()}: on "
             f"{world_size} process(es) it is kept with train.grad_accum_steps={accum}; set that (or leave "
-            f"{layout.grad_accum}, the run's own), or start a new run.dir initialised from the checkpoint's "
-            f"model.pt for another global batch")
+            f"{layout.grad_accum}, the run's own); another global batch needs a new run.dir")
     note = None
     if written_by != world_size or accum != asked:
         note = (f"resuming on {world_size} process(es) (the checkpoint was written by {written_by}): "

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phileo.run_state import now_iso, read_state, slurm_job_id, update_state
+from phileo.run_state import now_iso, one_line, read_state, record_final, slurm_job_id, update_state
 
 log = logging.getLogger("phileo.train")
 
@@ -69,12 +69,23 @@ class RunStateRecorder:
             rel = str(Path(path).relative_to(self.run_dir))
         except ValueError:
             rel = str(path)
-        self._write(step=step, last_checkpoint={"step": step, "path": rel, "time": now_iso()})
+        # A new checkpoint is progress: --max-failures counts failures in a row since the last one.
+        self._write(step=step, last_checkpoint={"step": step, "path": rel, "time": now_iso()}, failures=0)
 
     def ended(self, status: str, step: int, final_loss: float | None, reason: str = "") -> None:
         """completed | preempted | failed (the engine's own endings; the job layer may then say "requeued")."""
         self._write(status, event=status, detail=reason or None, step=step, final_loss=final_loss,
                     reason=reason or None)
+
+    def final_failure(self, error: BaseException) -> None:
+        """An exception that a retry cannot help (phileo.run_state.is_retryable) ends the run: recorded as final,
+        so that the batch script's failover does not requeue it, whichever script runs the job."""
+        if not self.enabled:
+            return
+        try:
+            record_final(self.run_dir, one_line(error))
+        except (OSError, ValueError) as e:
+            log.warning("could not update %s: %s", self.run_dir / "state.json", e)
 
 
 __all__ = ["RunStateRecorder", "PROGRESS_EVERY_S"]

@@ -342,12 +342,20 @@ def bf16_zero_masters(state_dir: Path) -> dict[str, torch.Tensor]:
         return int(f.name.split("_pp_rank_")[1].split("_")[0])
 
     files = sorted(state_dir.glob(_BF16_ZERO_OPTIM), key=rank_of)
-    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
-    model_states = next(state_dir.glob("mp_rank_*_model_states.pt"))
-    shapes = torch.load(model_states, map_location="cpu", weights_only=False)["param_shapes"]
+    try:  # DeepSpeed's own keys (checked with 0.19.8, the version constraints.txt pins)
+        parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                 ["single_partition_of_fp32_groups"] for f in files]
+        model_states = next(state_dir.glob("mp_rank_*_model_states.pt"))
+        shapes = torch.load(model_states, map_location="cpu", weights_only=False)["param_shapes"]
+    except (KeyError, StopIteration) as e:
+        import deepspeed
+
+        raise RuntimeError(f"{state_dir}: not the BF16_Optimizer checkpoint layout of DeepSpeed 0.19 (missing "
+                           f"{e}); DeepSpeed {deepspeed.__version__} is installed: use the version "
+                           f"constraints.txt pins") from None
     masters: dict[str, torch.Tensor] = {}
     for g, group in enumerate(shapes):
-        flat = torch.cat([p["single_partition_of_fp32_groups"][g].float() for p in parts])
+        flat = torch.cat([p[g].float() for p in parts])
         offset = 0
         for name, shape in group.items():
             n = math.prod(shape)

@@ -153,7 +153,8 @@ def test_kill_9_of_a_rank_requeues_the_job_and_it_ends_like_an_uninterrupted_run
     failure = next(e for e in record["events"] if e["event"] == "failure")
     # srun's own words, from the batch script's log since this start: the dead rank and how it died.
     assert "Killed" in failure["detail"] or "signal 9" in failure["detail"], failure
-    assert record["failures"] == 1 and record["state"] == "completed"
+    # One failure, retried; the resumed job's checkpoints then set the count in a row back to 0.
+    assert record["failures"] == 0 and record["state"] == "completed"
     # The requeued job resumed from the checkpoint written before the kill, not from scratch.
     log_txt = (run / "log.txt").read_text()
     assert re.search(r"resuming from .*step_00000020 \(step 20", log_txt), log_txt[-2000:]

@@ -156,8 +156,9 @@ def bad_chunk_error(manifest: Manifest, bad: Mapping[int, str], training: bool =
     """The BadChunkError for the chunks `bad` ({chunk index: what differs}, from find_bad_chunks): each chunk
     file, what differs, its cells, and the fix; `training`: add what the trainer did and its skip option."""
     chunks = [c for c in manifest.chunks if c.index in bad]
-    head = (f"{len(chunks)} chunk file(s) of {manifest.root} differ from {fmt.MANIFEST_NAME}, so their pixels "
-            f"cannot be trusted" + (" (training stopped before its first step)" if training else "") + ":")
+    names = ", ".join(Path(c.path).name for c in chunks[:3]) + (" ..." if len(chunks) > 3 else "")
+    head = (f"{len(chunks)} chunk file(s) of {manifest.root} ({names}) differ from {fmt.MANIFEST_NAME}, so their "
+            f"pixels cannot be trusted" + (" (training stopped before its first step)" if training else "") + ":")
     tail = ("\nOr train without them: data.on_bad_chunk=skip leaves their cells out (counted in log.txt and as "
             "data/bad_chunks in TensorBoard)." if training else "")
     # Only I/O errors (no size or checksum that differs): the file may read at the next start.

@@ -1,9 +1,10 @@
 """Test harness: markers, the dev SLURM cluster fixture, and shared helpers.
 
 The `slurm_cluster` fixture brings the one-machine SLURM cluster (slurm/dev-cluster/up.sh) up once per test
-session and down at the end (only if this session started it). When it cannot be started (not root, no
-apt-get, no packages), tests that need it are skipped with the reason, unless PHILEO_REQUIRE_SLURM=1 (set by
-.ci/run), where that is a failure: CI must run them. Every test that uses the fixture is marked `slurm` here,
+session and down at the end (only if this session started it). On a machine that cannot run it (not root, or
+neither the packages nor apt-get), tests that need it are skipped at collection with that reason, unless
+PHILEO_REQUIRE_SLURM=1 (set by .ci/run), where that is a failure: CI must run them. Where it can run, an up.sh
+that fails is a failure too. Every test that uses the fixture is marked `slurm` here,
 so `-m "not slurm"` never starts the cluster.
 
 The `no_slurm` group (`pytest -m no_slurm`, run first by `make test`) runs the launchers with the SLURM client
@@ -77,19 +78,16 @@ def slurm_cluster():
     """The dev SLURM cluster (PHILEO_TEST_NODES nodes, default 8: the 8-node job of test_fault_cluster.py), SLURM_CONF
     exported for the session."""
     reason = _cluster_unavailable_reason()
-    if reason:
-        if _require_slurm():
-            pytest.fail(f"PHILEO_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    if reason:  # not root, or no SLURM and no apt-get: without PHILEO_REQUIRE_SLURM such tests were skipped at
+        pytest.fail(f"PHILEO_REQUIRE_SLURM=1 but {reason}")  # collection (pytest_collection_modifyitems)
     cluster_dir = Path(os.environ.get("PHILEO_DEV_CLUSTER_DIR", "/tmp/phileo-dev-cluster"))
     was_running = _controller_alive(cluster_dir)
     proc = subprocess.run([str(DEV_CLUSTER / "up.sh"), "--nodes", str(CLUSTER_NODES)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        msg = f"slurm/dev-cluster/up.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        if _require_slurm():
-            pytest.fail(msg)
-        pytest.skip(msg)
+        # Root with packages (or apt-get) at hand: a cluster that does not come up is a broken set-up, not a
+        # missing condition; up.sh's own words say what failed.
+        pytest.fail(f"slurm/dev-cluster/up.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     conf = Path(proc.stdout.strip().splitlines()[-1].split("=", 1)[1])
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
@@ -109,12 +107,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The one condition under which cluster tests are skipped: this machine cannot run the dev cluster (not root,
+    # or neither SLURM nor apt-get). Never under PHILEO_REQUIRE_SLURM=1 (CI): there the fixture fails instead.
+    unavailable = None if _require_slurm() else _cluster_unavailable_reason()
     for item in items:
         uses_cluster = "slurm_cluster" in getattr(item, "fixturenames", ())
         if uses_cluster and item.get_closest_marker("no_slurm"):
             raise pytest.UsageError(f"{item.nodeid} is marked no_slurm but uses the slurm_cluster fixture")
         if uses_cluster and not item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slurm)
+        if uses_cluster and unavailable:
+            item.add_marker(pytest.mark.skipif(True, reason=unavailable))
 
 
 @pytest.fixture(scope="session")

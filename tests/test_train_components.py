@@ -3,6 +3,8 @@ Evaluator, MetricsLogger and ThroughputWindow, and the one config builder."""
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 import math
@@ -383,22 +385,26 @@ def test_retention_keeps_the_last_verified_checkpoint_until_its_successor_verifi
     assert later.latest() is None  # the only one is bad: set aside, start afresh (said in the log)
 
 
-def _tmpfs(path: Path, size: str) -> bool:
+def _tmpfs(path: Path, size: str) -> None:
+    """Mounts a tmpfs of `size` on `path` (root); a failed mount fails the test with mount's own words."""
     import subprocess
 
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.fail(f"mount -t tmpfs on {path} failed as root: {res.stderr.strip()}")
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="mounting the small tmpfs needs root (CI runs as root)")
 def test_disk_full_during_a_save_is_named_and_the_previous_checkpoint_stays(tmp_path):
-    """A real full file system (a 1 MiB tmpfs; needs root, else skipped): ENOSPC names the path and the free
-    space, the half-written folder goes, the previous checkpoint still verifies."""
+    """A real full file system (a 1 MiB tmpfs; needs root): ENOSPC names the path and the free space, the
+    half-written folder goes, the previous checkpoint still verifies."""
     import subprocess
 
     small = tmp_path / "small"
-    if not _tmpfs(small, "1m"):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    _tmpfs(small, "1m")
     try:
         manager = CheckpointManager(small, keep_last=2, info=ONE)
         torch.manual_seed(0)
